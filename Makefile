@@ -1,0 +1,37 @@
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: demo test check bench bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+## demo: train the reference LSTM and stream its Jacobian at T=2000 into demo-output/
+demo: $(VENV)/.installed
+	$(VENV)/bin/jacstream demo --output demo-output
+
+## test: lint, type-check and run the test suite
+test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check jacstream tests benchmarks
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -p no:cacheprovider
+
+## bench-quick: the benchmark runner's smoke suite (under 3 minutes)
+bench-quick: $(VENV)/.installed-test
+	$(PY) -m benchmarks --suite quick --output bench-results/quick
+
+## bench: the full benchmark suite (long: about an hour on 2 cores)
+bench: $(VENV)/.installed-test
+	$(PY) -m benchmarks --suite full --output bench-results/full
+
+clean:
+	rm -rf $(VENV) demo-output bench-results

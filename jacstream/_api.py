@@ -1,0 +1,295 @@
+"""The public entry points: :func:`jacobian` and :func:`plan`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._memory import PeakTracker, current_rss
+from ._plan import CostModel, Plan, make_plan, normalize_out_steps, parse_memory
+from ._result import Jacobian
+from ._store import JobStore
+from ._version import __version__
+from .errors import InputError, StoreMismatchError
+
+__all__ = ["jacobian", "plan"]
+
+CAUSAL_CHOICES = ("auto", True, False)
+STRATEGY_CHOICES = ("auto", "pfor", "tile")
+NONFINITE_CHOICES = ("raise", "warn", "ignore")
+DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
+
+
+def default_memory_budget() -> int:
+    """2 GiB, or a quarter of the memory available now if that is less."""
+    import psutil
+
+    return int(min(2 * 2**30, psutil.virtual_memory().available // 4))
+
+
+def plan(input_shape: tuple[int, int, int], output_shape: tuple[int, int, int], *,
+         out_steps: Any = None, block_size: int | None = None,
+         memory_budget: int | str | None = None, examples_per_block: int | None = None,
+         causal: bool = False, cost: CostModel | None = None) -> Plan:
+    """Plan a job from shapes alone, without TensorFlow.
+
+    The plan :func:`jacobian` makes also measures the model's memory cost;
+    this one uses a conservative default cost model unless ``cost`` is given.
+
+    Examples
+    --------
+    >>> import jacstream
+    >>> p = jacstream.plan((10, 300, 1), (10, 300, 1), block_size=50)
+    >>> p.n_blocks, p.chunks
+    (6, (10, 50, 1, 50, 1))
+    """
+    return make_plan(input_shape, output_shape, out_steps=out_steps, block_size=block_size,
+                     memory_budget=memory_budget, examples_per_block=examples_per_block,
+                     causal=causal, cost=cost)
+
+
+def _as_inputs(inputs: Any) -> Any:
+    """Validate inputs; return a NumPy array (or a lazily indexable array, e.g. zarr)."""
+    if hasattr(inputs, "numpy") and callable(inputs.numpy):   # tf.Tensor
+        inputs = inputs.numpy()
+    if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
+        try:
+            inputs = np.asarray(inputs)
+        except Exception:
+            raise InputError(f"inputs must be an array of shape (batch, steps, features); got "
+                             f"{type(inputs).__name__}.") from None
+    shape = tuple(int(s) for s in inputs.shape)
+    if len(shape) != 3:
+        hint = (" Add a feature axis: inputs[..., None]." if len(shape) == 2 else "")
+        raise InputError(f"inputs must have shape (batch, steps, features), got shape {shape} "
+                         f"(rank {len(shape)}).{hint}")
+    if 0 in shape:
+        raise InputError(f"inputs have an empty axis: shape {shape}. Need at least one example, "
+                         "one step and one feature.")
+    kind = np.dtype(inputs.dtype).kind if not str(inputs.dtype).startswith("bfloat") else "f"
+    if kind != "f":
+        raise InputError(f"inputs must be floating point to be differentiated, got dtype "
+                         f"{inputs.dtype}. Convert them, e.g. inputs.astype('float32').")
+    if isinstance(inputs, np.ndarray) and inputs.dtype != np.float32:
+        inputs = inputs.astype(np.float32)
+    return inputs
+
+
+def _fingerprint_inputs(inputs: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256(repr(tuple(inputs.shape)).encode())
+    step = max(1, 2**26 // max(1, int(np.prod(inputs.shape[1:])) * 4))
+    for i in range(0, inputs.shape[0], step):
+        h.update(np.ascontiguousarray(np.asarray(inputs[i:i + step], dtype=np.float32)).tobytes())
+    return h.hexdigest()
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if not any(value is c or (isinstance(c, str) and value == c) for c in choices):
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[str], *,
+             out_steps: Any = None, block_size: int | None = None,
+             memory_budget: int | str | None = None, examples_per_block: int | None = None,
+             causal: bool | str = "auto", strategy: str = "auto", device: str | None = None,
+             dtype: str = "float32", overwrite: bool = False, progress: bool = True,
+             on_nonfinite: str = "raise",
+             on_block: Callable[[Any], None] | None = None) -> Jacobian:
+    """Compute the per-example Jacobian of a sequence model, streamed into a zarr store.
+
+    ``J[i, a, f1, t2, f2] = d y[i, out_steps[a], f1] / d x[i, t2, f2]`` for
+    ``y = model(x)``: the layout of ``tf.GradientTape.batch_jacobian``
+    restricted to the chosen output steps. The full tensor never has to fit in
+    memory: blocks of output steps are computed by one traced function and
+    written to disk as they finish. Calling again with the same arguments on
+    an interrupted store resumes it.
+
+    Parameters
+    ----------
+    model : keras.Model or callable
+        Maps a float tensor ``(batch, T_in, F_in)`` to ``(batch, T_out, F_out)``;
+        example i of the output must depend only on example i of the input.
+    inputs : array-like
+        NumPy array, ``tf.Tensor`` or zarr array of shape ``(batch, T_in, F_in)``.
+    store : str or path
+        Directory of the zarr store (created if missing).
+    out_steps : None, int, slice or sequence of int, optional
+        Output steps to differentiate: all (``None``), one (``10``), a slice, or
+        a strictly increasing list. Negative steps count from the end.
+    block_size : int, optional
+        Output steps per block. By default chosen from ``memory_budget`` and a
+        measurement of the model's memory per step.
+    memory_budget : int or str, optional
+        Bound on the working memory of the computation, e.g. ``"1GiB"``.
+        Default: 2 GiB or a quarter of available memory, whichever is less.
+    examples_per_block : int, optional
+        Examples per block (default: all, or fewer if the budget needs it).
+    causal : {"auto", True, False}
+        ``True`` promises that output step t depends only on input steps
+        ``<= t``: each block then reads only the inputs it needs and the zero
+        upper triangle is never computed or stored. ``"auto"`` uses it only
+        when the model's layers and a numerical check both show causality.
+    strategy : {"auto", "pfor", "tile"}
+        How a block is differentiated: vectorised reverse mode (``pfor``), or
+        reverse mode over copies of each example (``tile``).
+    device : str, optional
+        ``"cpu"``, ``"gpu"``, ``"gpu:1"``...; default: a GPU if TensorFlow sees one.
+    dtype : {"float32", "float16", "bfloat16", "float64"}
+        Storage dtype (computation is in the model's dtype).
+    overwrite : bool
+        Replace an existing store made for another job.
+    progress : bool
+        Show a progress bar (only on a terminal).
+    on_nonfinite : {"raise", "warn", "ignore"}
+        What to do when a block holds NaN or Inf.
+    on_block : callable, optional
+        Called with each block (a :class:`jacstream.Block`) once it is safely stored.
+
+    Returns
+    -------
+    Jacobian
+        A lazy view of the store; index it like a NumPy array.
+
+    Examples
+    --------
+    >>> import jacstream, keras, numpy as np, tempfile, os
+    >>> model = keras.Sequential([keras.Input((None, 1)),
+    ...                           keras.layers.LSTM(8, return_sequences=True),
+    ...                           keras.layers.Dense(1)])
+    >>> x = np.random.default_rng(0).normal(size=(4, 30, 1)).astype("float32")
+    >>> path = os.path.join(tempfile.mkdtemp(), "jac.zarr")
+    >>> J = jacstream.jacobian(model, x, path, progress=False)
+    >>> J.shape
+    (4, 30, 1, 30, 1)
+    >>> bool(abs(J[0, 5, 0, 6:, 0]).max() == 0)   # causal: no look-ahead
+    True
+    """
+    t_call = time.perf_counter()
+    rss0 = current_rss()
+    _check_choice("causal", causal, CAUSAL_CHOICES)
+    _check_choice("strategy", strategy, STRATEGY_CHOICES)
+    _check_choice("on_nonfinite", on_nonfinite, NONFINITE_CHOICES)
+    _check_choice("dtype", dtype, DTYPE_CHOICES)
+    if not callable(model):
+        raise InputError(f"model must be a Keras model or a callable, got {type(model).__name__}.")
+    x = _as_inputs(inputs)
+    budget = parse_memory(memory_budget)
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or block_size < 1):
+        raise InputError(f"block_size must be a positive int (output steps per block), got "
+                         f"{block_size!r}.")
+    path = Path(store)
+    existing = JobStore.open(path, mode="r+") if JobStore.exists(path) else None
+    if existing is None and path.exists() and not overwrite and (
+            path.is_file() or any(path.iterdir())):
+        JobStore.open(path)  # raises NotAStoreError with a clear message
+
+    from . import _tf  # TensorFlow is imported only from here on
+
+    dev = _tf.resolve_device(device)
+    batch, t_in, f_in = (int(s) for s in x.shape)
+    sample = np.ascontiguousarray(np.asarray(x[: min(2, batch)]))
+    prepared = _tf.prepare_model(model, sample, dev)
+    y = _tf.forward(prepared.call, sample, dev)
+    if y.ndim != 3 or y.shape[0] != sample.shape[0]:
+        from .errors import ModelError
+
+        raise ModelError(
+            f"the model must map inputs (batch, steps, features) to outputs (batch, steps, "
+            f"features); for inputs of shape {sample.shape} it returned shape {y.shape}. "
+            "Return sequences (e.g. LSTM(return_sequences=True)) and keep the batch axis first.")
+    t_out, f_out = int(y.shape[1]), int(y.shape[2])
+    steps = normalize_out_steps(out_steps, t_out)
+    _tf.check_batch_independence(prepared.call, sample, dev)
+
+    if causal == "auto":
+        is_causal, reason = (_tf.detect_causal(model, prepared.call, sample, dev)
+                             if t_in == t_out else (False, "output and input lengths differ"))
+    else:
+        is_causal, reason = bool(causal), "set by the caller (causal=True)" if causal else \
+            "set by the caller (causal=False)"
+
+    job = {
+        "model": _tf.fingerprint_model(model),
+        "inputs": _fingerprint_inputs(x),
+        "input_shape": [batch, t_in, f_in],
+        "output_shape": [batch, t_out, f_out],
+        "out_steps": list(steps),
+        "causal": is_causal,
+        "dtype": dtype,
+        "layout": ["example", "out_step", "out_feature", "in_step", "in_feature"],
+    }
+    if existing is not None and not overwrite:
+        existing.check_same_job(job)
+        stored = existing.plan
+        asked = {"block_size": block_size, "examples_per_block": examples_per_block,
+                 "strategy": None if strategy == "auto" else strategy}
+        for key, value in asked.items():
+            if value is not None and value != getattr(stored, key):
+                raise StoreMismatchError(
+                    f"the store {str(path)!r} is being written with {key}={getattr(stored, key)!r}"
+                    f", this call asks for {key}={value!r}. Resume with the same {key} (or leave "
+                    "it out), or pass overwrite=True to start again.")
+        the_plan, js = stored, existing
+        fn = _tf.BlockFunction(prepared.call, the_plan.strategy, f_in, f_out, dev)
+        fn.validate(sample, t_out, is_causal)
+    else:
+        chosen = "pfor" if strategy == "auto" else strategy
+        fn = _tf.BlockFunction(prepared.call, chosen, f_in, f_out, dev)
+        fn.validate(sample, t_out, is_causal)
+        if budget is None and block_size is None:
+            budget = default_memory_budget()
+        cost = None
+        if block_size is None:
+            cost = fn.probe_cost(sample if batch <= 2 else np.asarray(x[: min(batch, 4)]), f_out)
+            cost = _scale_fixed(cost, current_rss() - rss0)
+        the_plan = make_plan((batch, t_in, f_in), (batch, t_out, f_out), out_steps=steps,
+                             block_size=block_size, examples_per_block=examples_per_block,
+                             memory_budget=budget, causal=is_causal, strategy=chosen,
+                             dtype=dtype, cost=cost)
+        js = JobStore.create(path, the_plan, {**job, "causal_reason": reason,
+                                              "model_rewrites": prepared.rewritten,
+                                              "device": dev}, overwrite=overwrite)
+
+    fn.static_block = the_plan.block_size
+    with PeakTracker() as tracker:
+        stats = _run(the_plan, js, x, fn, progress, on_nonfinite, on_block, t_out)
+    run = {
+        "version": __version__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": dev,
+        "blocks_computed": len(stats.computed_blocks),
+        "blocks_skipped": stats.skipped_blocks,
+        "wall_seconds": round(time.perf_counter() - t_call, 3),
+        "compute_seconds": round(stats.compute_seconds, 3),
+        "write_seconds": round(stats.write_seconds, 3),
+        "traces": fn.traces,
+        "peak_rss_increase": max(tracker.peak - rss0, 0),
+        "nonfinite_blocks": stats.nonfinite_blocks,
+    }
+    js.record_run(run)
+    result = Jacobian(js)
+    result.stats = {**run, "computed_blocks": stats.computed_blocks}
+    return result
+
+
+def _scale_fixed(cost: CostModel, overhead: int) -> CostModel:
+    """Count what tracing and the probes already took as part of the fixed cost."""
+    from dataclasses import replace
+
+    return replace(cost, fixed=cost.fixed + max(0, overhead))
+
+
+def _run(the_plan: Plan, js: JobStore, x: Any, fn: Any, progress: bool, on_nonfinite: str,
+         on_block: Any, t_out: int) -> Any:
+    from ._execute import run_local
+
+    return run_local(the_plan, js, x, fn, progress=progress, on_nonfinite=on_nonfinite,
+                     on_block=on_block, t_out=t_out)

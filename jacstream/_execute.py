@@ -1,0 +1,179 @@
+"""Local execution: compute blocks in order, write them in a background thread.
+
+The writer overlaps disk I/O with the next block's computation. At most one
+block waits in the queue, so at most three blocks are alive at once (computing,
+queued, being written) and memory stays bounded. A writer error stops the run
+and is raised in the caller; Ctrl-C stops after the blocks in flight.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ._plan import Block, Plan
+from ._store import JobStore
+from .errors import JacstreamError, ModelError, NonFiniteError
+
+__all__ = ["RunStats", "run_local"]
+
+ComputeFn = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, tuple[int, ...], int]]
+
+
+@dataclass
+class RunStats:
+    computed_blocks: list[int] = field(default_factory=list)
+    skipped_blocks: int = 0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    nonfinite_blocks: list[int] = field(default_factory=list)
+
+
+class _Writer(threading.Thread):
+    def __init__(self, store: JobStore, plan: Plan, bar: Any, stats: RunStats,
+                 on_block: Callable[[Block], None] | None) -> None:
+        super().__init__(name="jacstream-writer", daemon=True)
+        self.q: queue.Queue[tuple[Block, np.ndarray] | None] = queue.Queue(maxsize=1)
+        self.store, self.plan, self.bar, self.stats = store, plan, bar, stats
+        self.on_block = on_block
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain: after an error nothing more is written
+            block, data = item
+            t0 = time.perf_counter()
+            try:
+                self.store.write_block(self.plan, block, data)
+            except BaseException as e:  # surfaced in the caller
+                self.error = e
+                continue
+            self.stats.write_seconds += time.perf_counter() - t0
+            self.bar.update(1)
+            if self.on_block is not None:
+                self.on_block(block)
+
+    def put(self, item: tuple[Block, np.ndarray]) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+
+
+def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
+              progress: bool = True, on_nonfinite: str = "raise",
+              on_block: Callable[[Block], None] | None = None,
+              t_out: int | None = None) -> RunStats:
+    """Carry out ``plan`` block by block, skipping blocks the store records as done."""
+    stats = RunStats()
+    t_start = time.perf_counter()
+    done = store.done_blocks()
+    pending = [b for b in plan.blocks if b.index not in done]
+    stats.skipped_blocks = plan.n_blocks - len(pending)
+    out_steps = np.asarray(plan.out_steps, dtype=np.int32)
+    bar = tqdm(total=plan.n_blocks, initial=plan.n_blocks - len(pending), unit="block",
+               desc="jacobian", disable=None if progress else True, dynamic_ncols=True,
+               file=sys.stderr)
+    writer = _Writer(store, plan, bar, stats, on_block)
+    writer.start()
+    try:
+        for block in pending:
+            e0, e1 = block.examples
+            p0, p1 = block.positions
+            x = np.asarray(inputs[e0:e1])
+            t0 = time.perf_counter()
+            try:
+                data, yshape, fed = compute(x, out_steps[p0:p1], block.in_len)
+            except JacstreamError:
+                raise
+            except Exception as e:
+                if hasattr(e, "add_note"):
+                    e.add_note(f"jacstream: while computing block {block.index} of "
+                               f"{plan.n_blocks}: examples {e0}..{e1 - 1}, output steps "
+                               f"{plan.out_steps[p0]}..{plan.out_steps[p1 - 1]}, input length "
+                               f"{block.in_len}, inputs {x.shape}")
+                raise
+            stats.compute_seconds += time.perf_counter() - t0
+            _check_shapes(plan, block, data, yshape, fed, t_out)
+            if on_nonfinite != "ignore" and not np.isfinite(data).all():
+                _report_nonfinite(plan, block, data, on_nonfinite, stats)
+            stats.computed_blocks.append(block.index)
+            writer.put((block, data))
+            del data
+    except KeyboardInterrupt:
+        writer.close()
+        bar.close()
+        n_done = len(store.done_blocks())
+        print(f"\njacstream: interrupted; {n_done} of {plan.n_blocks} blocks are safely in "
+              f"{str(store.path)!r}. Call jacstream.jacobian() again with the same arguments "
+              "to resume.", file=sys.stderr)
+        raise
+    except BaseException:
+        writer.close()
+        bar.close()
+        raise
+    writer.close()
+    bar.close()
+    if writer.error is not None:
+        raise writer.error
+    stats.wall_seconds = time.perf_counter() - t_start
+    return stats
+
+
+def _check_shapes(plan: Plan, block: Block, data: np.ndarray, yshape: tuple[int, ...],
+                  fed: int, t_out: int | None) -> None:
+    e = block.examples[1] - block.examples[0]
+    k = block.positions[1] - block.positions[0]
+    want_t = fed if fed < plan.t_in else (t_out or plan.t_out)
+    if len(yshape) != 3 or yshape[0] != e or yshape[1] != want_t or yshape[2] != plan.f_out:
+        raise ModelError(
+            f"on block {block.index} the model returned outputs of shape {tuple(yshape)} for "
+            f"inputs of shape ({e}, {fed}, {plan.f_in}); expected "
+            f"({e}, {want_t}, {plan.f_out}). A model whose time axis changes with the input "
+            "length, or a Keras TimeDistributed layer on a dynamic time axis (which can return "
+            "a time axis as long as the batch), gives this. Build the model with a static "
+            "input length, or pass causal=False.")
+    want = (e, k, plan.f_out, block.in_len, plan.f_in)
+    if data.shape != want:
+        raise ModelError(f"block {block.index}: the Jacobian has shape {data.shape}, expected "
+                         f"{want}.")
+
+
+def _report_nonfinite(plan: Plan, block: Block, data: np.ndarray, mode: str,
+                      stats: RunStats) -> None:
+    bad = ~np.isfinite(data)
+    ex, pos = np.nonzero(bad.any(axis=(2, 3, 4)))
+    steps = sorted({plan.out_steps[block.positions[0] + int(p)] for p in pos})
+    exs = sorted({block.examples[0] + int(i) for i in ex})
+    msg = (f"block {block.index} holds {int(bad.sum())} NaN/Inf values: examples {exs[:10]}"
+           f"{'...' if len(exs) > 10 else ''}, output steps {steps[:10]}"
+           f"{'...' if len(steps) > 10 else ''}. The model's outputs or gradients overflow for "
+           "these inputs (check the inputs for NaN/Inf and their scale). Pass "
+           "on_nonfinite='warn' to store them and continue.")
+    if mode == "raise":
+        raise NonFiniteError(msg)
+    stats.nonfinite_blocks.append(block.index)
+    import warnings
+
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)

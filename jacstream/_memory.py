@@ -1,0 +1,98 @@
+"""Resident memory of this process: current, peak, and a resettable peak.
+
+On Linux the kernel keeps the peak (VmHWM) and lets a process reset it by
+writing "5" to /proc/self/clear_refs; elsewhere a sampling thread stands in.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+import time
+
+import psutil
+
+__all__ = ["PeakTracker", "current_rss", "peak_rss"]
+
+
+def current_rss() -> int:
+    """Resident set size of this process, in bytes."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process so far (since the last reset), in bytes."""
+    hwm = _read_vmhwm()
+    if hwm is not None:
+        return hwm
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def _read_vmhwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_vmhwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakTracker:
+    """Measure the peak RSS reached inside a ``with`` block, above its start.
+
+    Examples
+    --------
+    >>> with PeakTracker() as t:
+    ...     buf = bytearray(50 * 2**20)
+    >>> t.increase >= 0
+    True
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.start = 0
+        self.peak = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def increase(self) -> int:
+        """Peak RSS minus the RSS at the start, in bytes (never negative)."""
+        return max(0, self.peak - self.start)
+
+    def __enter__(self) -> PeakTracker:
+        self.start = current_rss()
+        self.peak = self.start
+        self._kernel = os.path.exists("/proc/self/clear_refs") and _reset_vmhwm()
+        if not self._kernel:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._kernel:
+            self.peak = max(self.peak, peak_rss())
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            self.peak = max(self.peak, current_rss())

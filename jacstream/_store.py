@@ -1,0 +1,243 @@
+"""Storage: the zarr store of one Jacobian job, its metadata and completion records.
+
+Layout of a store directory::
+
+    store.zarr/
+      zarr.json                 group; attrs["jacstream"] holds the job metadata
+      jacobian/                 the (batch, n_out, F_out, T_in, F_in) zarr array
+      jacstream_blocks/         one empty file per finished block: NNNNNNNN.done
+
+A block counts as done only once its chunks are written and fsynced and its
+marker has been renamed into place, so an interrupted run never leaves a
+half-written block that counts as done. No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ._plan import LAYOUT, Block, Plan
+from ._version import __version__
+from .errors import NotAStoreError, StoreError, StoreMismatchError, StoreWriteError
+
+__all__ = ["ARRAY_NAME", "JobStore", "describe_differences"]
+
+ARRAY_NAME = "jacobian"
+DONE_DIR = "jacstream_blocks"
+FORMAT = 1
+
+# Fields of the job identity: a store is reused only if all of them match.
+IDENTITY = ("model", "inputs", "input_shape", "output_shape", "out_steps", "causal", "dtype",
+            "layout")
+
+
+def describe_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Human-readable list of the identity fields that differ."""
+    out = []
+    for key in IDENTITY:
+        a, b = stored.get(key), wanted.get(key)
+        if a != b:
+            out.append(f"{key}: store has {_brief(a)}, this call has {_brief(b)}")
+    return out
+
+
+def _brief(v: Any) -> str:
+    if isinstance(v, list) and len(v) > 6:
+        return f"[{v[0]}, {v[1]}, ..., {v[-1]}] ({len(v)} items)"
+    if isinstance(v, str) and len(v) == 64:
+        return f"fingerprint {v[:12]}..."
+    return repr(v)
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class JobStore:
+    """A jacstream store on local disk."""
+
+    def __init__(self, path: Path, group: zarr.Group, array: zarr.Array) -> None:
+        self.path = path
+        self.group = group
+        self.array = array
+        self._done_dir = path / DONE_DIR
+
+    # -- opening ----------------------------------------------------------
+    @staticmethod
+    def exists(path: str | os.PathLike[str]) -> bool:
+        p = Path(path)
+        return p.exists() and (p / "zarr.json").exists()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], mode: str = "r") -> JobStore:
+        p = Path(path)
+        if not p.exists():
+            raise NotAStoreError(f"no jacstream store at {str(p)!r}: the path does not exist. "
+                                 "Check the path, or compute one with jacstream.jacobian().")
+        try:
+            group = zarr.open_group(store=str(p), mode=mode)
+            meta = group.attrs.get("jacstream")
+            array = group[ARRAY_NAME]
+        except Exception as e:
+            raise NotAStoreError(
+                f"{str(p)!r} is not a jacstream store ({type(e).__name__}: {e}). Pass the path "
+                "of a store written by jacstream.jacobian(), or a new path.") from None
+        if not isinstance(meta, dict) or not isinstance(array, zarr.Array):
+            raise NotAStoreError(f"{str(p)!r} is a zarr store but not a jacstream store (no "
+                                 "'jacstream' metadata). Use another path, or overwrite=True.")
+        return cls(p, group, array)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], plan: Plan, job: dict[str, Any],
+               overwrite: bool = False) -> JobStore:
+        p = Path(path)
+        if p.exists():
+            if not overwrite:
+                raise StoreMismatchError(f"{str(p)!r} already exists. Pass overwrite=True to "
+                                         "replace it, or choose another path.")
+            if p.is_dir():
+                if any(p.iterdir()) and not (p / "zarr.json").exists():
+                    raise StoreError(
+                        f"refusing to overwrite {str(p)!r}: it is a non-empty directory that is "
+                        "not a zarr store. Remove it yourself or choose another path.")
+                shutil.rmtree(p)
+            else:
+                raise StoreError(f"{str(p)!r} is a file, not a store directory. Choose another "
+                                 "path.")
+        parent = p.parent if str(p.parent) else Path(".")
+        if parent.exists() and not os.access(parent, os.W_OK):
+            raise StoreError(f"cannot create the store {str(p)!r}: the directory "
+                             f"{str(parent)!r} is not writable. Choose a writable path.")
+        meta = {
+            "format": FORMAT,
+            "version": __version__,
+            "layout": list(LAYOUT),
+            **job,
+            "shape": list(plan.shape),
+            "chunks": list(plan.chunks),
+            "plan": plan.to_dict(),
+            "n_blocks": plan.n_blocks,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "runs": [],
+        }
+        try:
+            group = zarr.open_group(store=str(p), mode="w")
+            array = group.create_array(
+                ARRAY_NAME, shape=plan.shape, chunks=plan.chunks, dtype=plan.dtype,
+                fill_value=0.0, dimension_names=list(LAYOUT),
+                config={"write_empty_chunks": False})
+            group.attrs["jacstream"] = meta
+        except OSError as e:
+            raise StoreWriteError(f"cannot create the store {str(p)!r}: {e}") from e
+        (p / DONE_DIR).mkdir(exist_ok=True)
+        return cls(p, group, array)
+
+    # -- metadata ---------------------------------------------------------
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.group.attrs["jacstream"])
+
+    def update_meta(self, **changes: Any) -> None:
+        meta = self.meta
+        meta.update(changes)
+        self.group.attrs["jacstream"] = meta
+
+    @property
+    def plan(self) -> Plan:
+        return Plan.from_dict(self.meta["plan"])
+
+    def check_same_job(self, job: dict[str, Any]) -> None:
+        diffs = describe_differences(self.meta, job)
+        if diffs:
+            raise StoreMismatchError(
+                f"the store {str(self.path)!r} was made for another job:\n  - "
+                + "\n  - ".join(diffs)
+                + "\nPass overwrite=True to replace it, or choose another path. The store was "
+                "left unchanged.")
+
+    # -- completion records -----------------------------------------------
+    def done_blocks(self) -> set[int]:
+        if not self._done_dir.exists():
+            return set()
+        out = set()
+        for name in os.listdir(self._done_dir):
+            if name.endswith(".done"):
+                try:
+                    out.add(int(name[:-5]))
+                except ValueError:
+                    pass
+        return out
+
+    def _mark_done(self, index: int) -> None:
+        self._done_dir.mkdir(exist_ok=True)
+        final = self._done_dir / f"{index:08d}.done"
+        fd, tmp = tempfile.mkstemp(dir=self._done_dir, suffix=".partial")
+        try:
+            os.write(fd, json.dumps({"t": time.time()}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        _fsync_path(self._done_dir)
+
+    # -- writing ----------------------------------------------------------
+    def write_block(self, plan: Plan, block: Block, data: np.ndarray, durable: bool = True) -> None:
+        """Write one block's data as whole chunks, make it durable, then record it as done."""
+        e0, e1 = block.examples
+        p0, p1 = block.positions
+        width = plan.written_in_len(block)
+        if data.shape[3] < width:
+            pad = np.zeros(data.shape[:3] + (width - data.shape[3],) + data.shape[4:], data.dtype)
+            data = np.concatenate([data, pad], axis=3)
+        try:
+            self.array[e0:e1, p0:p1, :, :width, :] = data.astype(plan.dtype, copy=False)
+            if durable:
+                for key in self._chunk_keys(plan, block, width):
+                    _fsync_path(self.path / ARRAY_NAME / key)
+            self._mark_done(block.index)
+        except OSError as e:
+            hint = ("the disk is full: free some space (or move the store), then call "
+                    "jacstream.jacobian() again with the same arguments to resume"
+                    if e.errno == errno.ENOSPC else
+                    "fix the cause, then call jacstream.jacobian() again with the same "
+                    "arguments to resume")
+            raise StoreWriteError(
+                f"writing block {block.index} (output positions {p0}..{p1 - 1}, examples "
+                f"{e0}..{e1 - 1}) to {str(self.path)!r} failed: {e.strerror or e}. Finished "
+                f"blocks are intact; {hint}.") from e
+
+    def _chunk_keys(self, plan: Plan, block: Block, width: int) -> Iterable[str]:
+        ce = block.examples[0] // plan.examples_per_block
+        cp = block.positions[0] // plan.block_size
+        for ci in range(-(-width // plan.in_chunk)):
+            yield f"c/{ce}/{cp}/0/{ci}/0"
+
+    def record_run(self, run: dict[str, Any]) -> None:
+        meta = self.meta
+        meta["runs"] = list(meta.get("runs", [])) + [run]
+        self.group.attrs["jacstream"] = meta
+
+    def nbytes_stored(self) -> int:
+        total = 0
+        for root, _dirs, files in os.walk(self.path / ARRAY_NAME):
+            for f in files:
+                total += os.path.getsize(os.path.join(root, f))
+        return total

@@ -1,0 +1,418 @@
+"""Differentiation: the only module that imports TensorFlow.
+
+It prepares the model (a faster, numerically identical call path), builds the
+block function traced once with ``tf.function`` (dynamic shapes, so blocks of
+any length and causal truncation reuse one trace), measures its memory cost
+and fingerprints models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from ._memory import PeakTracker  # noqa: E402
+from ._plan import CostModel  # noqa: E402
+from .errors import DeviceError, ModelError  # noqa: E402
+
+__all__ = ["STRATEGIES", "BlockFunction", "fingerprint_model", "prepare_model", "resolve_device"]
+
+STRATEGIES = ("pfor", "tile")
+
+
+# --------------------------------------------------------------------------- devices
+def resolve_device(device: str | None) -> str:
+    """Turn ``None``, ``"cpu"``, ``"gpu"``, ``"GPU:1"``... into a TF device name that exists."""
+    logical = [d.name for d in tf.config.list_logical_devices()]
+    if device is None:
+        gpus = [d for d in logical if ":GPU:" in d]
+        return gpus[0] if gpus else next(d for d in logical if ":CPU:" in d)
+    if not isinstance(device, str):
+        raise DeviceError(f"device must be a string such as 'cpu' or 'gpu:0', got {device!r}.")
+    want = device.strip().upper().lstrip("/")
+    if want.startswith("DEVICE:"):
+        want = want[len("DEVICE:"):]
+    if ":" not in want:
+        want += ":0"
+    for name in logical:
+        if name.upper().endswith("DEVICE:" + want) or name.upper().endswith(want):
+            return name
+    raise DeviceError(f"device={device!r} does not exist here; TensorFlow sees "
+                      f"{[n.split('device:')[-1] for n in logical]}. Use one of those, or None "
+                      "(a GPU if there is one, else the CPU).")
+
+
+# --------------------------------------------------------------------------- model prep
+class _Pointwise(keras.layers.Layer):
+    """Apply a per-step layer to all steps at once (what TimeDistributed(Dense) means).
+
+    Keras 3's TimeDistributed unrolls a Python loop over a static time axis and
+    mis-shapes a dynamic one inside tf.function (see shared NOTES); Dense
+    already maps the last axis of a (batch, T, H) tensor, with the same weights.
+    """
+
+    def __init__(self, inner: keras.layers.Layer, **kwargs: Any) -> None:
+        super().__init__(name=kwargs.pop("name", None) or f"pointwise_{inner.name}", **kwargs)
+        self.inner = inner
+
+    def call(self, x: Any, mask: Any = None, training: Any = None) -> Any:
+        return self.inner(x)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return self.inner.compute_output_shape(input_shape)
+
+
+_POINTWISE = (keras.layers.Dense, keras.layers.Activation, keras.layers.Dropout,
+              keras.layers.LayerNormalization)
+
+
+def _rewrite(layer: keras.layers.Layer, on_gpu: bool) -> keras.layers.Layer:
+    if isinstance(layer, keras.layers.TimeDistributed) and isinstance(layer.layer, _POINTWISE):
+        if not isinstance(layer.layer, keras.layers.LayerNormalization) or \
+                list(np.atleast_1d(layer.layer.axis)) in ([-1], [2]):
+            return _Pointwise(layer.layer)
+    if on_gpu and getattr(layer, "use_cudnn", False) not in (False, None):
+        # The cuDNN RNN kernel has no pfor converter and no second derivative:
+        # use the generic kernel, same weights (copied).
+        cfg = layer.get_config()
+        cfg["use_cudnn"] = False
+        new = layer.__class__.from_config(cfg)
+        new.build(layer.input.shape)
+        new.set_weights(layer.get_weights())
+        return new
+    return layer
+
+
+@dataclass
+class PreparedModel:
+    call: Callable[[Any], Any]
+    rewritten: list[str] = field(default_factory=list)
+
+
+def prepare_model(model: Any, sample: np.ndarray, device: str) -> PreparedModel:
+    """A call path for ``model`` that is faster to differentiate and gives identical outputs.
+
+    Functional and Sequential Keras models are cloned with shared layers, with
+    ``TimeDistributed(Dense)`` applied pointwise (and cuDNN RNN kernels off on
+    GPU). The clone is used only if its output on ``sample`` equals the
+    original's exactly; otherwise the original model is used.
+    """
+    if not isinstance(model, keras.Model):
+        return PreparedModel(model)
+    on_gpu = ":GPU:" in device
+    changed: list[str] = []
+
+    def clone_fn(layer: keras.layers.Layer) -> keras.layers.Layer:
+        new = _rewrite(layer, on_gpu)
+        if new is not layer:
+            changed.append(f"{layer.__class__.__name__}({layer.name})")
+        return new
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=clone_fn)
+    except Exception:  # subclassed or exotic: keep the model as it is
+        return PreparedModel(model)
+    if not changed:
+        return PreparedModel(model)
+    with tf.device(device):
+        a = np.asarray(model(sample, training=False))
+        b = np.asarray(clone(sample, training=False))
+    if a.shape != b.shape or not np.array_equal(a, b):
+        return PreparedModel(model)
+    return PreparedModel(clone, changed)
+
+
+def fingerprint_model(model: Any) -> str:
+    """A hash of the model's class, configuration and weights (sha256 hex)."""
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    if isinstance(model, keras.layers.Layer):
+        try:
+            h.update(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
+        except Exception:
+            pass
+        for w in model.weights:
+            h.update(w.path.encode() if hasattr(w, "path") else w.name.encode())
+            h.update(np.ascontiguousarray(w.numpy()).tobytes())
+    else:
+        # A plain callable: its code and the weights of any Keras/TF variables it closes over.
+        code = getattr(model, "__code__", None)
+        if code is not None:
+            h.update(code.co_code)
+            h.update(repr(code.co_consts).encode())
+        for cell in getattr(model, "__closure__", None) or ():
+            try:
+                obj = cell.cell_contents
+            except ValueError:
+                continue
+            if isinstance(obj, keras.layers.Layer):
+                h.update(fingerprint_model(obj).encode())
+            elif isinstance(obj, (tf.Variable, np.ndarray, tf.Tensor)):
+                h.update(np.asarray(obj).tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- block function
+class BlockFunction:
+    """The Jacobian of a block of output steps, traced once.
+
+    ``fn(x, idx, in_len)`` with ``x`` of shape ``(examples, T_in, F_in)`` and
+    ``idx`` the block's output steps returns ``d y[:, idx, :] / d x[:, :in_len]``
+    of shape ``(examples, len(idx), F_out, in_len, F_in)``, the output shape the
+    model gave, and the input length it was fed.
+
+    Normally the input length and the number of steps are dynamic in the traced
+    signature, so one trace serves every block, the shorter last block and
+    causal truncation (the model is fed only ``x[:, :in_len]``). Models that
+    misbehave on a dynamic time axis are detected by :meth:`validate` and run
+    with static shapes instead: full-length inputs and blocks padded to one
+    length, so still one or two traces.
+    """
+
+    def __init__(self, call: Callable[[Any], Any], strategy: str, f_in: int, f_out: int,
+                 device: str, dtype: tf.DType = tf.float32) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.call = call
+        self.strategy = strategy
+        self.device = device
+        self.f_out = int(f_out)
+        self.traces = 0
+        self.static = False
+        self.static_block = 1
+        body = self._pfor if strategy == "pfor" else self._tile
+        sig = [tf.TensorSpec([None, None, f_in], dtype), tf.TensorSpec([None], tf.int32)]
+        self._dynamic_fn = tf.function(body, input_signature=sig)
+        self._static_fn = tf.function(body, reduce_retracing=False)
+
+    def _forward(self, x: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        y = self.call(x, training=False) if isinstance(self.call, keras.Model) else self.call(x)
+        y = tf.convert_to_tensor(y)
+        # Taken inside the tape: a slice taken outside gives None gradients.
+        return tf.gather(y, idx, axis=1), tf.shape(y)
+
+    def _pfor(self, x: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        self.traces += 1
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            yb, yshape = self._forward(x, idx)
+        jac = tape.batch_jacobian(yb, x, unconnected_gradients=tf.UnconnectedGradients.NONE)
+        if jac is None:
+            raise ModelError(_NO_GRADIENT)
+        return jac, yshape
+
+    def _tile(self, x: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        # K*F_out copies of each example, one ordinary gradient of sum(y * one_hot):
+        # copy r of example i yields row r of example i's Jacobian. Exact only
+        # for models whose examples do not interact (checked before running).
+        self.traces += 1
+        b, length, f_in = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+        k = tf.shape(idx)[0]
+        r = k * self.f_out
+        xt = tf.repeat(x, r, axis=0)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            yb, yshape = self._forward(xt, idx)          # (b*r, k, F_out)
+            yb = tf.reshape(yb, [b, r, r])
+            loss = tf.reduce_sum(yb * tf.eye(r, dtype=yb.dtype)[None])
+        g = tape.gradient(loss, xt)
+        if g is None:
+            raise ModelError(_NO_GRADIENT)
+        yshape = tf.tensor_scatter_nd_update(yshape, [[0]], [b])
+        return tf.reshape(g, [b, k, self.f_out, length, f_in]), yshape
+
+    def __call__(self, x: np.ndarray, idx: np.ndarray,
+                 in_len: int | None = None) -> tuple[np.ndarray, tuple[int, ...], int]:
+        k = len(idx)
+        full = x.shape[1]
+        in_len = full if in_len is None else in_len
+        idx = np.asarray(idx, dtype=np.int32)
+        if self.static:
+            fed = full
+            if k < self.static_block:
+                idx = np.concatenate([idx, np.repeat(idx[-1:], self.static_block - k)])
+            fn = self._static_fn
+        else:
+            fed = in_len
+            x = x[:, :in_len]
+            fn = self._dynamic_fn
+        with tf.device(self.device):
+            jac, yshape = fn(tf.convert_to_tensor(np.ascontiguousarray(x)),
+                             tf.convert_to_tensor(idx))
+        out = jac.numpy()
+        if self.static:
+            out = out[:, :k, :, :in_len]
+        return out, tuple(int(s) for s in yshape.numpy()), fed
+
+    def validate(self, sample: np.ndarray, t_out: int, causal: bool) -> None:
+        """Check the dynamic signature gives the right output shapes; else go static."""
+        lengths = [sample.shape[1]]
+        if causal and sample.shape[1] > 2:
+            lengths.append(sample.shape[1] // 2 + 1)
+        try:
+            for length in lengths:
+                _, yshape, fed = self(sample, np.array([length - 1]), length)
+                want_t = t_out if fed == sample.shape[1] else fed
+                if yshape != (sample.shape[0], want_t, self.f_out):
+                    raise ValueError(f"output shape {yshape} on a dynamic time axis")
+        except ModelError:
+            raise
+        except Exception:
+            self.static = True
+            self.traces = 0
+
+    def probe_cost(self, x: np.ndarray, f_out: int, max_len: int = 256) -> CostModel:
+        """Measure the memory cost model with two small blocks (no extra trace)."""
+        length = min(x.shape[1], max_len)
+        xs = np.ascontiguousarray(x[:, :length])
+        n_steps = length
+        k2 = max(2, min(16, n_steps))
+        if self.static:
+            return CostModel()
+        self(xs, np.arange(1, dtype=np.int32) + (length - 1))  # warm up: trace, allocate
+        peaks = []
+        for k in (1, k2):
+            with PeakTracker() as t:
+                self(xs, np.arange(length - k, length, dtype=np.int32))
+            peaks.append(t.increase)
+        b, steps = x.shape[0], length
+        per_row = max(0.0, (peaks[1] - peaks[0]) / ((k2 - 1) * f_out * b * steps))
+        per_step = max(0.0, (peaks[0] - per_row * f_out * b * steps) / (b * steps))
+        # Safety factors: allocator slack and temporaries that small probes miss.
+        return CostModel(fixed=32 * 2**20, per_step=1.5 * per_step + 256,
+                         per_row_step=1.25 * per_row + 64, measured=True)
+
+
+_NO_GRADIENT = (
+    "the model's outputs do not depend differentiably on its inputs: TensorFlow returned no "
+    "gradient (None). This is what happens with an integer cast, tf.stop_gradient, argmax or "
+    "round in the path from inputs to outputs, or when a slice of the output is taken outside "
+    "the GradientTape. Remove the non-differentiable op, or differentiate a model whose "
+    "outputs are a smooth function of its inputs.")
+
+
+# --------------------------------------------------------------------------- model checks
+def forward(call: Callable[[Any], Any], x: np.ndarray, device: str) -> np.ndarray:
+    with tf.device(device):
+        y = call(x, training=False) if isinstance(call, keras.Model) else call(tf.constant(x))
+    return np.asarray(y)
+
+
+def check_batch_independence(call: Callable[[Any], Any], x: np.ndarray, device: str) -> None:
+    """Raise ModelError if changing example 0 changes the outputs of another example."""
+    if x.shape[0] < 2:
+        return
+    x2 = np.array(x[:2], copy=True)
+    y_a = forward(call, x2, device)
+    rng = np.random.default_rng(0)
+    x2[0] = x2[0] + rng.standard_normal(x2[0].shape).astype(x2.dtype) * (np.std(x2) + 1.0)
+    y_b = forward(call, x2, device)
+    if not np.array_equal(y_a[1], y_b[1]):
+        diff = float(np.max(np.abs(y_a[1] - y_b[1])))
+        raise ModelError(
+            "the model mixes examples across the batch: changing example 0 changed the outputs "
+            f"of example 1 (by up to {diff:.3g}). A per-example Jacobian (batch_jacobian) of "
+            "such a model is not what it seems. Common causes: BatchNormalization called with "
+            "training=True, or an op that reduces over the batch axis. Call the layer with "
+            "training=False, or wrap the model so each example is processed on its own.")
+
+
+# Layers whose output at step t depends on inputs at steps <= t only.
+_CAUSAL_RNN = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN, keras.layers.RNN)
+_STEPWISE = (keras.layers.Dense, keras.layers.Activation, keras.layers.Dropout,
+             keras.layers.InputLayer, keras.layers.LayerNormalization, keras.layers.ReLU,
+             keras.layers.LeakyReLU, keras.layers.PReLU, keras.layers.ELU, keras.layers.Softmax,
+             keras.layers.Add, keras.layers.Multiply, keras.layers.Subtract,
+             keras.layers.Average, keras.layers.Maximum, keras.layers.Minimum,
+             keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+             keras.layers.SpatialDropout1D, keras.layers.Rescaling, _Pointwise)
+
+
+def _layer_is_causal(layer: keras.layers.Layer) -> tuple[bool, str]:
+    name = f"{layer.__class__.__name__}({layer.name})"
+    if isinstance(layer, keras.layers.Bidirectional):
+        return False, f"{name} reads the sequence backwards"
+    if isinstance(layer, _CAUSAL_RNN):
+        if getattr(layer, "go_backwards", False):
+            return False, f"{name} has go_backwards=True"
+        if not getattr(layer, "return_sequences", True):
+            return False, f"{name} returns only its last step"
+        return True, ""
+    if isinstance(layer, keras.layers.Conv1D):
+        if layer.padding == "causal" or layer.kernel_size[0] == 1:
+            return True, ""
+        return False, f"{name} has padding={layer.padding!r} (only 'causal' looks back only)"
+    if isinstance(layer, keras.layers.TimeDistributed):
+        inner = layer.layer
+        if isinstance(inner, keras.Model):
+            return _model_is_causal(inner)
+        return _layer_is_causal(inner) if not isinstance(inner, _CAUSAL_RNN) else (True, "")
+    if isinstance(layer, keras.layers.LayerNormalization):
+        axes = list(np.atleast_1d(layer.axis))
+        return (axes in ([-1], [2])), f"{name} normalises over axis {layer.axis}"
+    if isinstance(layer, keras.layers.Concatenate):
+        return (layer.axis in (-1, 2)), f"{name} concatenates along axis {layer.axis}"
+    if isinstance(layer, _STEPWISE):
+        return True, ""
+    if isinstance(layer, keras.Model):
+        return _model_is_causal(layer)
+    return False, f"{name} is not a layer jacstream knows to be causal"
+
+
+def _model_is_causal(model: keras.Model) -> tuple[bool, str]:
+    for layer in model.layers:
+        ok, why = _layer_is_causal(layer)
+        if not ok:
+            return False, why
+    return True, ""
+
+
+def _is_graph_model(model: Any) -> bool:
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (Functional, keras.Sequential))
+
+
+def detect_causal(model: Any, call: Callable[[Any], Any], x: np.ndarray,
+                  device: str) -> tuple[bool, str]:
+    """Decide ``causal="auto"``: True only on structural *and* numerical evidence.
+
+    Structure: a functional or Sequential Keras model made only of layers known
+    to look back only (forward RNNs returning sequences, causal Conv1D, per-step
+    layers). Numbers: the exact Jacobian of one example at a few output steps
+    has no non-zero entry above the diagonal. A plain callable or a subclassed
+    model is never judged causal (its code cannot be inspected).
+    """
+    if not _is_graph_model(model):
+        return False, "not a functional/Sequential Keras model: cannot inspect its layers"
+    ok, why = _model_is_causal(model)
+    if not ok:
+        return False, why
+    length = x.shape[1]
+    probe = np.ascontiguousarray(x[:1])
+    steps = sorted({0, length // 3, length // 2, max(0, length - 2)})
+    xt = tf.constant(probe)
+    with tf.device(device), tf.GradientTape(persistent=True) as tape:
+        tape.watch(xt)
+        y = call(xt, training=False) if isinstance(call, keras.Model) else call(xt)
+        rows = [tf.reduce_sum(y[:, t, :]) for t in steps]
+    if y.shape[1] != length:
+        return False, f"output has {y.shape[1]} steps for {length} input steps"
+    for t, r in zip(steps, rows):
+        g = tape.gradient(r, xt)
+        if g is None:
+            continue
+        future = np.asarray(g)[0, t + 1:]
+        if np.any(future != 0):
+            return False, f"output step {t} depends on later input steps (checked numerically)"
+    return True, "every layer looks back only, and the Jacobian is zero above the diagonal"

@@ -1,0 +1,133 @@
+"""Exactness of every model x block size x out_steps form x strategy against batch_jacobian."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import CAUSAL_MODELS, NONCAUSAL_MODELS, assert_jacobian_close
+
+import jacstream
+
+T = 23  # the model_case fixture's sequence length (prime: most block sizes leave a remainder)
+ALL_MODELS = CAUSAL_MODELS + NONCAUSAL_MODELS
+
+OUT_STEP_FORMS = {
+    "none": (None, np.arange(T)),
+    "int": (10, np.array([10])),
+    "negative_int": (-1, np.array([T - 1])),
+    "slice": (slice(2, 20, 3), np.arange(2, 20, 3)),
+    "list": ([0, 5, 6, 22], np.array([0, 5, 6, 22])),
+}
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 5], ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("model_case", ALL_MODELS, indirect=True)
+def test_block_sizes_match_batch_jacobian(model_case, block_size, tmp_path):
+    model, x, ref, _ = model_case
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", block_size=block_size, progress=False)
+    assert J.complete and J.shape == ref.shape
+    assert_jacobian_close(J[...], ref, f"block_size={block_size}")
+    np.testing.assert_array_equal(J.out_steps, np.arange(T))
+
+
+@pytest.mark.parametrize("form", list(OUT_STEP_FORMS))
+@pytest.mark.parametrize("model_case", ALL_MODELS, indirect=True)
+def test_out_steps_forms_match_batch_jacobian(model_case, form, tmp_path):
+    model, x, ref, _ = model_case
+    out_steps, expected_steps = OUT_STEP_FORMS[form]
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", out_steps=out_steps, block_size=3,
+                           progress=False)
+    np.testing.assert_array_equal(J.out_steps, expected_steps)
+    assert_jacobian_close(J[...], ref[:, expected_steps], f"out_steps={out_steps!r}")
+
+
+@pytest.mark.parametrize("strategy", ["pfor", "tile"])
+@pytest.mark.parametrize("model_case", ALL_MODELS, indirect=True)
+def test_strategies_match_batch_jacobian(model_case, strategy, tmp_path):
+    model, x, ref, _ = model_case
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy=strategy, block_size=6,
+                           progress=False)
+    assert J.plan.strategy == strategy
+    assert_jacobian_close(J[...], ref, strategy)
+
+
+@pytest.mark.parametrize("model_case", ["lstm_td"], indirect=True)
+def test_default_plan_from_memory_budget_is_exact(model_case, tmp_path):
+    model, x, ref, _ = model_case
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", progress=False)
+    assert J.plan.cost.measured
+    assert_jacobian_close(J[...], ref, "default options")
+
+
+@pytest.mark.parametrize("model_case", ["lstm_td"], indirect=True)
+def test_indexing_reads_like_numpy(model_case, tmp_path):
+    model, x, ref, _ = model_case
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", block_size=4, progress=False)
+    for key in [(0,), (slice(None), 7), (1, slice(3, 9), 0, slice(None, 10)),
+                (Ellipsis, 0), ([0, 2], [1, 5])]:
+        np.testing.assert_array_equal(J[key], np.asarray(J)[key] if not isinstance(key[0], list)
+                                      else np.asarray(J)[np.ix_(key[0], key[1])])
+    assert J.ndim == 5 and len(J) == 3 and J.dtype == np.float32
+
+
+@pytest.mark.parametrize("model_case", ["lstm_dense"], indirect=True)
+def test_trace_count_does_not_grow_with_blocks(model_case, tmp_path):
+    model, x, _ref, _ = model_case
+    few = jacstream.jacobian(model, x, tmp_path / "few.zarr", block_size=12, causal=True,
+                             progress=False)
+    many = jacstream.jacobian(model, x, tmp_path / "many.zarr", block_size=2, causal=True,
+                              progress=False)
+    assert few.n_blocks == 2 and many.n_blocks == 12
+    # one trace of the block function serves every block, the short last block and every
+    # truncated input length
+    assert many.stats["traces"] == few.stats["traces"] == 1
+
+
+def test_metadata_describes_the_job(tmp_path):
+    from conftest import build_model
+
+    model, f_in, _, _ = build_model("stacked")
+    x = np.random.default_rng(1).normal(size=(2, 9, f_in)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", out_steps=[1, 4], block_size=1,
+                           progress=False)
+    meta = J.attrs
+    assert meta["layout"] == ["example", "out_step", "out_feature", "in_step", "in_feature"]
+    assert meta["out_steps"] == [1, 4]
+    assert meta["input_shape"] == [2, 9, 3] and meta["output_shape"] == [2, 9, 2]
+    assert meta["dtype"] == "float32" and meta["version"] == jacstream.__version__
+    assert len(meta["model"]) == 64 and len(meta["inputs"]) == 64
+    assert list(J.array.metadata.dimension_names) == meta["layout"]
+
+
+def test_reopen_in_fresh_process_reads_identical_values(tmp_path):
+    from conftest import build_model
+
+    model, f_in, _, _ = build_model("gru")
+    x = np.random.default_rng(2).normal(size=(2, 15, f_in)).astype("float32")
+    path = tmp_path / "j.zarr"
+    J = jacstream.jacobian(model, x, path, block_size=4, progress=False)
+    code = (
+        "import json, sys, numpy as np, jacstream\n"
+        "J = jacstream.open(sys.argv[1])\n"
+        "a = J[...]\n"
+        "print(json.dumps({'shape': list(J.shape), 'steps': J.out_steps.tolist(),\n"
+        "  'complete': J.complete, 'bytes': a.tobytes().hex(), 'attrs': J.attrs['model'],\n"
+        "  'tf_loaded': 'tensorflow' in sys.modules}))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                         text=True, check=True)
+    got = json.loads(out.stdout)
+    assert got["shape"] == list(J.shape) and got["steps"] == J.out_steps.tolist()
+    assert got["complete"] is True and got["attrs"] == J.attrs["model"]
+    assert bytes.fromhex(got["bytes"]) == J[...].tobytes()
+    assert got["tf_loaded"] is False  # reading a store needs no TensorFlow
+
+
+def test_import_does_not_load_tensorflow():
+    out = subprocess.run([sys.executable, "-c", "import sys, jacstream; "
+                          "print('tensorflow' in sys.modules)"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

@@ -15,11 +15,12 @@ from ._plan import CostModel, Plan, make_plan, normalize_out_steps, parse_memory
 from ._result import Jacobian
 from ._store import JobStore
 from ._version import __version__
-from .errors import InputError, StoreMismatchError
+from .errors import InputError, ModelError, StoreMismatchError
 
 __all__ = ["jacobian", "plan"]
 
 CAUSAL_CHOICES = ("auto", True, False)
+SHORT_STEPS = 48  # prefix length for the eager structural checks
 STRATEGY_CHOICES = ("auto", "pfor", "tile")
 NONFINITE_CHOICES = ("raise", "warn", "ignore")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
@@ -100,8 +101,8 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
              memory_budget: int | str | None = None, examples_per_block: int | None = None,
              causal: bool | str = "auto", strategy: str = "auto", device: str | None = None,
              dtype: str = "float32", overwrite: bool = False, progress: bool = True,
-             on_nonfinite: str = "raise",
-             on_block: Callable[[Any], None] | None = None) -> Jacobian:
+             on_nonfinite: str = "raise", in_chunk: int | None = None,
+             on_block: Callable[[Any], None] | None = None, _write: bool = True) -> Jacobian:
     """Compute the per-example Jacobian of a sequence model, streamed into a zarr store.
 
     ``J[i, a, f1, t2, f2] = d y[i, out_steps[a], f1] / d x[i, t2, f2]`` for
@@ -149,6 +150,10 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         Show a progress bar (only on a terminal).
     on_nonfinite : {"raise", "warn", "ignore"}
         What to do when a block holds NaN or Inf.
+    in_chunk : int, optional
+        Input steps per zarr chunk (default: the block size, widened until a
+        chunk holds 128 KiB). With ``in_chunk == block_size`` the zero triangle
+        of a causal model falls exactly on unwritten chunks.
     on_block : callable, optional
         Called with each block (a :class:`jacstream.Block`) once it is safely stored.
 
@@ -196,21 +201,31 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     dev = _tf.resolve_device(device)
     batch, t_in, f_in = (int(s) for s in x.shape)
     sample = np.ascontiguousarray(np.asarray(x[: min(2, batch)]))
-    prepared = _tf.prepare_model(model, sample, dev)
-    y = _tf.forward(prepared.call, sample, dev)
-    if y.ndim != 3 or y.shape[0] != sample.shape[0]:
-        from .errors import ModelError
-
+    # Structural checks run eagerly on a short prefix (eager RNNs are slow); a model
+    # that only accepts its full length is checked at full length.
+    short = sample[:, : min(t_in, SHORT_STEPS)]
+    try:
+        prepared = _tf.prepare_model(model, short, dev)
+        y_short = _tf.forward(prepared.call, short, dev)
+    except Exception:
+        short = sample
+        prepared = _tf.prepare_model(model, short, dev)
+        y_short = _tf.forward(prepared.call, short, dev)
+    if y_short.ndim != 3 or y_short.shape[0] != short.shape[0]:
         raise ModelError(
             f"the model must map inputs (batch, steps, features) to outputs (batch, steps, "
-            f"features); for inputs of shape {sample.shape} it returned shape {y.shape}. "
+            f"features); for inputs of shape {short.shape} it returned shape {y_short.shape}. "
             "Return sequences (e.g. LSTM(return_sequences=True)) and keep the batch axis first.")
-    t_out, f_out = int(y.shape[1]), int(y.shape[2])
+    f_out = int(y_short.shape[2])
+    _tf.check_batch_independence(prepared.call, short, dev)
+    stored_strategy = existing.plan.strategy if existing is not None and not overwrite else None
+    chosen = stored_strategy or ("pfor" if strategy == "auto" else strategy)
+    fn = _tf.BlockFunction(prepared.call, chosen, f_in, f_out, dev)
+    t_out = fn.validate(sample, short, y_short.shape)
     steps = normalize_out_steps(out_steps, t_out)
-    _tf.check_batch_independence(prepared.call, sample, dev)
 
     if causal == "auto":
-        is_causal, reason = (_tf.detect_causal(model, prepared.call, sample, dev)
+        is_causal, reason = (_tf.detect_causal(model, prepared.call, short, dev)
                              if t_in == t_out else (False, "output and input lengths differ"))
     else:
         is_causal, reason = bool(causal), "set by the caller (causal=True)" if causal else \
@@ -230,6 +245,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         existing.check_same_job(job)
         stored = existing.plan
         asked = {"block_size": block_size, "examples_per_block": examples_per_block,
+                 "in_chunk": in_chunk,
                  "strategy": None if strategy == "auto" else strategy}
         for key, value in asked.items():
             if value is not None and value != getattr(stored, key):
@@ -238,29 +254,24 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
                     f", this call asks for {key}={value!r}. Resume with the same {key} (or leave "
                     "it out), or pass overwrite=True to start again.")
         the_plan, js = stored, existing
-        fn = _tf.BlockFunction(prepared.call, the_plan.strategy, f_in, f_out, dev)
-        fn.validate(sample, t_out, is_causal)
     else:
-        chosen = "pfor" if strategy == "auto" else strategy
-        fn = _tf.BlockFunction(prepared.call, chosen, f_in, f_out, dev)
-        fn.validate(sample, t_out, is_causal)
         if budget is None and block_size is None:
             budget = default_memory_budget()
         cost = None
         if block_size is None:
-            cost = fn.probe_cost(sample if batch <= 2 else np.asarray(x[: min(batch, 4)]), f_out)
+            cost = fn.probe_cost(sample if batch <= 2 else np.asarray(x[: min(batch, 4)]))
             cost = _scale_fixed(cost, current_rss() - rss0)
         the_plan = make_plan((batch, t_in, f_in), (batch, t_out, f_out), out_steps=steps,
                              block_size=block_size, examples_per_block=examples_per_block,
                              memory_budget=budget, causal=is_causal, strategy=chosen,
-                             dtype=dtype, cost=cost)
+                             dtype=dtype, cost=cost, in_chunk=in_chunk)
         js = JobStore.create(path, the_plan, {**job, "causal_reason": reason,
                                               "model_rewrites": prepared.rewritten,
                                               "device": dev}, overwrite=overwrite)
 
     fn.static_block = the_plan.block_size
     with PeakTracker() as tracker:
-        stats = _run(the_plan, js, x, fn, progress, on_nonfinite, on_block, t_out)
+        stats = _run(the_plan, js, x, fn, progress, on_nonfinite, on_block, t_out, _write)
     run = {
         "version": __version__,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -288,8 +299,8 @@ def _scale_fixed(cost: CostModel, overhead: int) -> CostModel:
 
 
 def _run(the_plan: Plan, js: JobStore, x: Any, fn: Any, progress: bool, on_nonfinite: str,
-         on_block: Any, t_out: int) -> Any:
+         on_block: Any, t_out: int, write: bool) -> Any:
     from ._execute import run_local
 
     return run_local(the_plan, js, x, fn, progress=progress, on_nonfinite=on_nonfinite,
-                     on_block=on_block, t_out=t_out)
+                     on_block=on_block, t_out=t_out, write=write)

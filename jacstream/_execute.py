@@ -40,11 +40,12 @@ class RunStats:
 
 class _Writer(threading.Thread):
     def __init__(self, store: JobStore, plan: Plan, bar: Any, stats: RunStats,
-                 on_block: Callable[[Block], None] | None) -> None:
+                 on_block: Callable[[Block], None] | None, write: bool = True) -> None:
         super().__init__(name="jacstream-writer", daemon=True)
         self.q: queue.Queue[tuple[Block, np.ndarray] | None] = queue.Queue(maxsize=1)
         self.store, self.plan, self.bar, self.stats = store, plan, bar, stats
         self.on_block = on_block
+        self.write = write
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -57,7 +58,8 @@ class _Writer(threading.Thread):
             block, data = item
             t0 = time.perf_counter()
             try:
-                self.store.write_block(self.plan, block, data)
+                if self.write:
+                    self.store.write_block(self.plan, block, data)
             except BaseException as e:  # surfaced in the caller
                 self.error = e
                 continue
@@ -84,8 +86,11 @@ class _Writer(threading.Thread):
 def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
               progress: bool = True, on_nonfinite: str = "raise",
               on_block: Callable[[Block], None] | None = None,
-              t_out: int | None = None) -> RunStats:
-    """Carry out ``plan`` block by block, skipping blocks the store records as done."""
+              t_out: int | None = None, write: bool = True) -> RunStats:
+    """Carry out ``plan`` block by block, skipping blocks the store records as done.
+
+    ``write=False`` is a null sink for benchmarks: blocks are computed and dropped.
+    """
     stats = RunStats()
     t_start = time.perf_counter()
     done = store.done_blocks()
@@ -95,7 +100,7 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
     bar = tqdm(total=plan.n_blocks, initial=plan.n_blocks - len(pending), unit="block",
                desc="jacobian", disable=None if progress else True, dynamic_ncols=True,
                file=sys.stderr)
-    writer = _Writer(store, plan, bar, stats, on_block)
+    writer = _Writer(store, plan, bar, stats, on_block, write)
     writer.start()
     try:
         for block in pending:

@@ -254,40 +254,58 @@ class BlockFunction:
             out = out[:, :k, :, :in_len]
         return out, tuple(int(s) for s in yshape.numpy()), fed
 
-    def validate(self, sample: np.ndarray, t_out: int, causal: bool) -> None:
-        """Check the dynamic signature gives the right output shapes; else go static."""
-        lengths = [sample.shape[1]]
-        if causal and sample.shape[1] > 2:
-            lengths.append(sample.shape[1] // 2 + 1)
+    def validate(self, sample: np.ndarray, short: np.ndarray,
+                 short_shape: tuple[int, ...]) -> int:
+        """Check the traced function against an eager forward pass; return T_out.
+
+        The dynamic signature must give, on the short sample, the output shape the
+        eager model gave; otherwise (e.g. Keras TimeDistributed on a dynamic time
+        axis) the function switches to static shapes.
+        """
         try:
-            for length in lengths:
-                _, yshape, fed = self(sample, np.array([length - 1]), length)
-                want_t = t_out if fed == sample.shape[1] else fed
-                if yshape != (sample.shape[0], want_t, self.f_out):
-                    raise ValueError(f"output shape {yshape} on a dynamic time axis")
+            _, ys, _ = self(short, np.array([0]))
+            if ys != tuple(short_shape):
+                raise ValueError(f"traced output shape {ys} != eager {tuple(short_shape)}")
+            _, yfull, _ = self(sample, np.array([0]))
         except ModelError:
             raise
         except Exception:
             self.static = True
             self.traces = 0
+            _, yfull, _ = self(sample, np.array([0]))
+        if len(yfull) != 3 or yfull[0] != sample.shape[0] or yfull[2] != self.f_out:
+            raise ModelError(f"the model returned outputs of shape {yfull} for inputs of shape "
+                             f"{sample.shape}; expected (batch, steps, {self.f_out}).")
+        return int(yfull[1])
 
-    def probe_cost(self, x: np.ndarray, f_out: int, max_len: int = 256) -> CostModel:
-        """Measure the memory cost model with two small blocks (no extra trace)."""
-        length = min(x.shape[1], max_len)
-        xs = np.ascontiguousarray(x[:, :length])
-        n_steps = length
-        k2 = max(2, min(16, n_steps))
+    def probe_cost(self, x: np.ndarray, max_len: int = 256) -> CostModel:
+        """Measure the memory cost model with two small blocks (no extra trace).
+
+        Probes on a prefix of ``max_len`` steps; a model that only accepts its
+        full length is probed at full length with smaller blocks.
+        """
         if self.static:
             return CostModel()
-        self(xs, np.arange(1, dtype=np.int32) + (length - 1))  # warm up: trace, allocate
+        try:
+            return self._probe(x, min(x.shape[1], max_len), 16)
+        except ModelError:
+            raise
+        except Exception:
+            return self._probe(x, x.shape[1], 2)
+
+    def _probe(self, x: np.ndarray, length: int, k_max: int) -> CostModel:
+        xs = np.ascontiguousarray(x[:, :length])
+        k2 = max(2, min(k_max, length))
+        self(xs, np.arange(1, dtype=np.int32))  # warm up: trace, allocate
         peaks = []
         for k in (1, k2):
             with PeakTracker() as t:
-                self(xs, np.arange(length - k, length, dtype=np.int32))
+                self(xs, np.arange(min(k, length), dtype=np.int32))
             peaks.append(t.increase)
-        b, steps = x.shape[0], length
-        per_row = max(0.0, (peaks[1] - peaks[0]) / ((k2 - 1) * f_out * b * steps))
-        per_step = max(0.0, (peaks[0] - per_row * f_out * b * steps) / (b * steps))
+        b = x.shape[0]
+        f_out = self.f_out
+        per_row = max(0.0, (peaks[1] - peaks[0]) / ((k2 - 1) * f_out * b * length))
+        per_step = max(0.0, (peaks[0] - per_row * f_out * b * length) / (b * length))
         # Safety factors: allocator slack and temporaries that small probes miss.
         return CostModel(fixed=32 * 2**20, per_step=1.5 * per_step + 256,
                          per_row_step=1.25 * per_row + 64, measured=True)

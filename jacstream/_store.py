@@ -138,17 +138,24 @@ class JobStore:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "runs": [],
         }
+        # Built under a temporary name and renamed into place, so a run killed while
+        # creating the store leaves no half-made store behind.
+        tmp = p.with_name(f".{p.name}.creating-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
         try:
-            group = zarr.open_group(store=str(p), mode="w")
-            array = group.create_array(
+            group = zarr.open_group(store=str(tmp), mode="w")
+            group.create_array(
                 ARRAY_NAME, shape=plan.shape, chunks=plan.chunks, dtype=plan.dtype,
                 fill_value=0.0, dimension_names=list(LAYOUT),
                 config={"write_empty_chunks": False})
             group.attrs["jacstream"] = meta
+            (tmp / DONE_DIR).mkdir()
+            os.replace(tmp, p)
         except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise StoreWriteError(f"cannot create the store {str(p)!r}: {e}") from e
-        (p / DONE_DIR).mkdir(exist_ok=True)
-        return cls(p, group, array)
+        return cls.open(p, mode="r+")
 
     # -- metadata ---------------------------------------------------------
     @property

@@ -116,12 +116,15 @@ def as_inputs(inputs: Any, *, scratch: str | os.PathLike[str] | None = None) -> 
     if hasattr(inputs, "numpy") and callable(inputs.numpy):  # tf.Tensor
         inputs = inputs.numpy()
     if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
+        given = type(inputs).__name__
         try:
             inputs = np.asarray(inputs)
+            if inputs.dtype == object:
+                raise TypeError
         except Exception:
             raise InputError(f"inputs must be an array of shape (batch, steps, features), a "
                              f"path to a .npy file or zarr array, or a tf.data.Dataset; got "
-                             f"{type(inputs).__name__}.") from None
+                             f"{given}.") from None
     return _check(inputs)
 
 

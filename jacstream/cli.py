@@ -105,21 +105,25 @@ def _causal(text: str) -> str | bool:
 
 
 # --------------------------------------------------------------------------- parser
+def _common(default: Any) -> argparse.ArgumentParser:
+    # --quiet/--debug work before or after the command. Subcommands get their
+    # own copies with default SUPPRESS, so they never overwrite a value given
+    # before the command (parents share action objects: hence two parsers).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bar and no summary")
+    common.add_argument("--debug", action="store_true", default=default,
+                        help="show the full traceback on errors")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``jacstream`` command (no TensorFlow involved)."""
-    # --quiet/--debug work before or after the command; SUPPRESS keeps a
-    # subcommand's default from overwriting a value given before it.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="no progress bar and no summary")
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback on errors")
-
     parser = argparse.ArgumentParser(
-        prog="jacstream", description=DESCRIPTION, epilog=EPILOG, parents=[common],
+        prog="jacstream", description=DESCRIPTION, epilog=EPILOG, parents=[_common(False)],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"jacstream {__version__}")
-    parser.set_defaults(quiet=False, debug=False)
+    common = _common(argparse.SUPPRESS)
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -232,10 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 def _cmd_compute(args: argparse.Namespace) -> int:
     import jacstream
+    from jacstream._inputs import as_inputs
 
+    inputs = as_inputs(args.inputs)  # a bad path fails before the slow model load
     model = load_model(args.model, unsafe=args.unsafe)
     result = jacstream.jacobian(
-        model, args.inputs, args.store, out_steps=args.out_steps, block_size=args.block_size,
+        model, inputs, args.store, out_steps=args.out_steps, block_size=args.block_size,
         memory_budget=args.memory_budget, examples_per_block=args.examples_per_block,
         causal=args.causal, strategy=args.strategy, device=args.device, dtype=args.dtype,
         overwrite=args.overwrite, progress=not args.quiet, on_nonfinite=args.on_nonfinite)

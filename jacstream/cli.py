@@ -97,8 +97,9 @@ def _nonnegative_int(text: str) -> int:
 
 
 def _causal(text: str) -> str | bool:
-    value = {"auto": "auto", "true": True, "yes": True, "false": False, "no": False}.get(
-        text.strip().lower())
+    choices: dict[str, str | bool] = {"auto": "auto", "true": True, "yes": True,
+                                      "false": False, "no": False}
+    value = choices.get(text.strip().lower())
     if value is None:
         raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
     return value
@@ -277,7 +278,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("MPLBACKEND", "Agg")  # write files; never open a window
     try:
-        from jacstream import plot
+        from jacstream import plot  # type: ignore[attr-defined]  # until merged
     except ImportError as e:
         raise InputError(f"plotting is not available in this installation ({e}).") from None
     with warnings.catch_warnings():

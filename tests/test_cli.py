@@ -266,3 +266,19 @@ def test_subprocess_compute_info_and_error(files, tmp_path):
     assert p.stderr.strip().splitlines() == [
         f"jacstream: error: inputs: no such file or directory: {str(tmp_path / 'nope.npy')!r}. "
         "Pass a .npy file or a zarr array (a directory)."]
+
+
+@pytest.mark.parametrize(("flags", "progress"), [([], True), (["-q"], False),
+                                                  (["--quiet"], False)])
+def test_quiet_turns_the_progress_bar_off(files, tmp_path, monkeypatch, flags, progress):
+    # The bar itself (tqdm) shows only on a terminal; --quiet turns it off there too.
+    seen = {}
+
+    def fake_jacobian(model, inputs, store, **kwargs):
+        seen.update(kwargs)
+        raise jacstream.errors.InputError("stop here")
+
+    monkeypatch.setattr(jacstream, "jacobian", fake_jacobian)
+    assert main(["compute", str(files["model"]), str(files["npy"]), str(tmp_path / "j.zarr"),
+                 *flags]) == 2
+    assert seen["progress"] is progress

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ._inputs import as_inputs as _as_inputs
 from ._memory import PeakTracker, current_rss
 from ._plan import CostModel, Plan, make_plan, normalize_out_steps, parse_memory
 from ._result import Jacobian
@@ -54,33 +55,6 @@ def plan(input_shape: tuple[int, int, int], output_shape: tuple[int, int, int], 
                      causal=causal, cost=cost)
 
 
-def _as_inputs(inputs: Any) -> Any:
-    """Validate inputs; return a NumPy array (or a lazily indexable array, e.g. zarr)."""
-    if hasattr(inputs, "numpy") and callable(inputs.numpy):   # tf.Tensor
-        inputs = inputs.numpy()
-    if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
-        try:
-            inputs = np.asarray(inputs)
-        except Exception:
-            raise InputError(f"inputs must be an array of shape (batch, steps, features); got "
-                             f"{type(inputs).__name__}.") from None
-    shape = tuple(int(s) for s in inputs.shape)
-    if len(shape) != 3:
-        hint = (" Add a feature axis: inputs[..., None]." if len(shape) == 2 else "")
-        raise InputError(f"inputs must have shape (batch, steps, features), got shape {shape} "
-                         f"(rank {len(shape)}).{hint}")
-    if 0 in shape:
-        raise InputError(f"inputs have an empty axis: shape {shape}. Need at least one example, "
-                         "one step and one feature.")
-    kind = np.dtype(inputs.dtype).kind if not str(inputs.dtype).startswith("bfloat") else "f"
-    if kind != "f":
-        raise InputError(f"inputs must be floating point to be differentiated, got dtype "
-                         f"{inputs.dtype}. Convert them, e.g. inputs.astype('float32').")
-    if isinstance(inputs, np.ndarray) and inputs.dtype != np.float32:
-        inputs = inputs.astype(np.float32)
-    return inputs
-
-
 def _fingerprint_inputs(inputs: Any) -> str:
     import hashlib
 
@@ -117,8 +91,11 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     model : keras.Model or callable
         Maps a float tensor ``(batch, T_in, F_in)`` to ``(batch, T_out, F_out)``;
         example i of the output must depend only on example i of the input.
-    inputs : array-like
-        NumPy array, ``tf.Tensor`` or zarr array of shape ``(batch, T_in, F_in)``.
+    inputs : array-like, path or tf.data.Dataset
+        Shape ``(batch, T_in, F_in)``: a NumPy array, ``tf.Tensor``, zarr array,
+        the path of a ``.npy`` file or zarr array (read lazily), or a
+        ``tf.data.Dataset`` yielding ``x`` or ``(x, y)`` batches (spooled to
+        disk beside the store, in order, so it need not fit in memory).
     store : str or path
         Directory of the zarr store (created if missing).
     out_steps : None, int, slice or sequence of int, optional
@@ -184,7 +161,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     _check_choice("dtype", dtype, DTYPE_CHOICES)
     if not callable(model):
         raise InputError(f"model must be a Keras model or a callable, got {type(model).__name__}.")
-    x = _as_inputs(inputs)
+    x = _as_inputs(inputs, scratch=store)
     budget = parse_memory(memory_budget)
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                    or block_size < 1):

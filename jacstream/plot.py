@@ -153,9 +153,7 @@ def heatmap(J: Any, example: int = 0, out_feature: int = 0, in_feature: int = 0,
 def _cmap(name: str) -> Any:
     import matplotlib
 
-    cmap = matplotlib.colormaps[name].copy()
-    cmap.set_bad("0.9")
-    return cmap
+    return matplotlib.colormaps[name].with_extremes(bad="0.9")
 
 
 def lag_profile(J: Any, *, path: str | os.PathLike[str] | None = None, log: bool = True,
@@ -197,6 +195,8 @@ def lag_profile(J: Any, *, path: str | os.PathLike[str] | None = None, log: bool
     """
     from . import analysis
 
+    if not (isinstance(share, (int, float)) and 0 < share <= 1):
+        raise InputError(f"share must be a fraction in (0, 1], e.g. 0.9; got {share!r}.")
     prof = J if hasattr(J, "data_vars") and "mean" in J.data_vars else analysis.lag_profile(J)
     lags = prof["lag"].values
     mean, std = prof["mean"].values, prof["std"].values
@@ -230,11 +230,22 @@ def lag_profile(J: Any, *, path: str | os.PathLike[str] | None = None, log: bool
                         label="mean ± 1 std across examples")
     ax.plot(lags, _floor(mean, floor), color="C0", lw=1.8, label="mean over examples")
     if reach is not None:
+        where = " at lags ≥ 0" if lags[0] < 0 else ""
+        off = " (off the chart)" if reach > lags[-1] else ""
         ax.axvline(reach, color="C3", ls="--", lw=1.0,
-                   label=f"{share:.0%} of total {what} within lag ≤ {reach}")
+                   label=f"{share:.0%} of total {what}{where} within lag ≤ {reach}{off}")
     if log:
         ax.set_yscale("log")
-    ax.set_xlim(lags[0], lags[-1])
+    right = lags[-1]
+    if floor is not None and max_lag is None and np.any(mean > floor):
+        # Past the last lag above the floor the log axis is empty: stop there, and say so.
+        last = int(lags[mean > floor][-1])
+        if last < lags[-1]:
+            right = min(lags[-1], last + max(1, (last - lags[0]) // 20))
+            ax.text(0.99, 0.02, f"beyond lag {last}: mean below {LOG_RANGE:.0e} of its peak",
+                    transform=ax.transAxes, ha="right", va="bottom", fontsize="small",
+                    color="0.3")
+    ax.set_xlim(lags[0], right)
     ax.set_xlabel("lag t1 - t2 (output step - input step)")
     ax.set_ylabel(f"mean {what} over steps and features")
     ax.set_title(f"How far back the model looks: mean {what} by lag "

@@ -304,44 +304,38 @@ class WindowSum(Accumulator):
     def result(self) -> xarray.DataArray:
         import xarray as xr
 
-        lay, steps = self.layout, self.layout.out_steps
-        dims, coords, index = [], {}, []
-        attrs: dict[str, Any] = {"reduction": "window_sum",
-                                 "values": "|J|" if self.absolute else "J"}
-        if self.example is None:
-            dims.append("example")
-            coords["example"] = np.arange(*self.examples)
+        lay = self.layout
+        what = "|J|" if self.absolute else "J"
+        attrs: dict[str, Any] = {"reduction": "window_sum", "values": what}
+        dims: list[str] = []
+        coords: dict[str, Any] = {}
+        index: list[int | slice] = []
+
+        def keep(name: str, labels: np.ndarray) -> None:
+            dims.append(name)
+            coords[name] = labels
             index.append(slice(None))
+
+        if self.example is None:
+            keep("example", np.arange(*self.examples))
         else:
             index.append(0)
             attrs["example"] = self.examples[0]
-        for ax, name, labels in ((self.ax_out, "out", steps), (None, "out_feature", None),
-                                 (self.ax_in, "in", np.arange(lay.t_in)),
-                                 (None, "in_feature", None)):
-            if ax is None:
-                dims.append(name)
-                coords[name] = np.arange(lay.f_out if name == "out_feature" else lay.f_in)
-                index.append(slice(None))
-            elif ax.drop:
+        parts = []
+        for ax, name, labels in ((self.ax_out, "out", lay.out_steps),
+                                 (self.ax_in, "in", np.arange(lay.t_in))):
+            if ax.drop:
                 index.append(0)
                 attrs[f"{name}_window"] = [int(labels[ax.lo]), int(labels[ax.hi - 1])]
+                parts.append(f"{name}put steps {labels[ax.lo]}..{labels[ax.hi - 1]}")
             elif ax.identity:
-                dims.append(f"{name}_step")
-                coords[f"{name}_step"] = labels[ax.lo:ax.hi]
-                index.append(slice(None))
+                keep(f"{name}_step", labels[ax.lo:ax.hi])
             else:
-                dims.append(f"{name}_window")
-                coords[f"{name}_window"] = labels[ax.edges[:-1]]
+                keep(f"{name}_window", labels[ax.edges[:-1]])
                 coords[f"{name}_window_last"] = (f"{name}_window", labels[ax.edges[1:] - 1])
-                index.append(slice(None))
-        parts = []
-        for name, ax in (("in", self.ax_in), ("out", self.ax_out)):
-            if ax.drop:
-                first, last = attrs[f"{name}_window"]
-                parts.append(f"{name}put steps {first}..{last}")
-            elif not ax.identity:
                 parts.append(f"consecutive windows of {name}put steps")
-        attrs["description"] = f"{attrs['values']} summed over {' and '.join(parts)}"
+            keep(f"{name}_feature", np.arange(lay.f_out if name == "out" else lay.f_in))
+        attrs["description"] = f"{what} summed over {' and '.join(reversed(parts))}"
         return xr.DataArray(self.acc[tuple(index)], dims=dims, coords=coords,
                             name="window_sum", attrs=attrs)
 
@@ -381,13 +375,13 @@ class Map(Accumulator):
         v = self.op.reduce(_prepare(data[:, :, self.f1, :, self.f2], self.absolute), (2, 4))
         width = v.shape[2]
         ji, v = _bin(v, 2, 0, self.ax_in, self.op)           # (e, k, windows touched)
-        full = np.zeros(v.shape[:2] + (self.ax_in.n,))
+        full: np.ndarray = np.zeros(v.shape[:2] + (self.ax_in.n,))
         if self._zero_floor:
             full[...] = -np.inf
         full[:, :, ji:ji + v.shape[2]] = v
         if self._zero_floor:
-            reach = self.ax_in.edges[1:] > width
-            full[:, :, reach] = np.maximum(full[:, :, reach], 0.0)
+            beyond = self.ax_in.edges[1:] > width
+            full[:, :, beyond] = np.maximum(full[:, :, beyond], 0.0)
         jo, full = _bin(full, 1, p0, self.ax_out, self.op)
         self.acc[jo:jo + full.shape[1]] += full.sum(axis=0)
 

@@ -799,16 +799,21 @@ def save_reduced(result: Any, path: Path) -> None:
 def load_reduced(path: str | os.PathLike[str]) -> Any:
     """Open a reduced result saved by ``jacstream.jacobian(..., reduce=...)``."""
     import xarray as xr
+    import zarr
 
     p = Path(path)
-    try:
-        ds = xr.open_zarr(str(p), consolidated=False).load()
+    try:   # the group's attributes first: listing a full Jacobian store is not needed
+        attrs = dict(zarr.open_group(str(p), mode="r").attrs)
     except Exception as e:
         raise NotAStoreError(f"{str(p)!r} is not a reduced result written by jacstream "
                              f"({type(e).__name__}: {e}).") from None
-    if "jacstream" not in ds.attrs:
+    if attrs.get("jacstream_kind") not in ("DataArray", "Dataset"):
+        hint = (" It is a full Jacobian store: open it with jacstream.open()."
+                if isinstance(attrs.get("jacstream"), dict) else "")
         raise NotAStoreError(f"{str(p)!r} is a zarr store but not a reduced result written by "
-                             "jacstream (no 'jacstream' metadata).")
+                             f"jacstream.jacobian(..., reduce=...).{hint}")
+    ds = xr.open_zarr(str(p), consolidated=False)
+    ds = ds.load()
     if ds.attrs.get("jacstream_kind") == "DataArray":
         (name,) = ds.data_vars
         out = ds[name]

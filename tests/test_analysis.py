@@ -243,6 +243,15 @@ def test_causal_store_reads_only_the_lower_triangle(tmp_path, monkeypatch):
     assert analysis.lag_profile(res).lag.values.min() == 0
 
 
+def test_open_reduced_refuses_a_full_store(tmp_path):
+    J, steps, causal = dense("causal")
+    write_store(tmp_path / "full.zarr", J, causal=True)
+    with pytest.raises(jacstream.errors.NotAStoreError, match="jacstream.open"):
+        analysis.open_reduced(tmp_path / "full.zarr")
+    with pytest.raises(jacstream.errors.NotAStoreError):
+        analysis.open_reduced(tmp_path / "missing.zarr")
+
+
 def test_bad_arguments_say_what_is_expected(tmp_path):
     J, _, _ = dense("numpy")
     with pytest.raises(InputError, match="in_steps or out_steps"):
@@ -378,10 +387,15 @@ def test_streaming_reduction_reuses_saved_result_and_checks_the_job(lstm, tmp_pa
     assert analysis.open_reduced(path).identical(other)
 
 
-def test_streaming_reduction_rejects_bad_specs_before_any_work(lstm, tmp_path):
-    model, x, _, _ = lstm
+def test_streaming_reduction_rejects_bad_specs_and_other_stores(lstm, tmp_path):
+    model, x, res, _ = lstm
     with pytest.raises(InputError, match="is not a reduction"):
         jacstream.jacobian(model, x, tmp_path / "r.zarr", reduce="median")
+    res_path = res.path
+    with pytest.raises(StoreMismatchError, match="already exists"):   # a full store
+        jacstream.jacobian(model, x, res_path, block_size=5, progress=False, **FAST,
+                           reduce="lag_profile")
+    assert jacstream.open(res_path).complete
     with pytest.raises(InputError, match="multiple of 4"):
         jacstream.jacobian(model, x, tmp_path / "r.zarr", block_size=5, progress=False, **FAST,
                            reduce=analysis.reduction("influence_map", reduce="max", bins=4))

@@ -76,7 +76,8 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
              causal: bool | str = "auto", strategy: str = "auto", device: str | None = None,
              dtype: str = "float32", overwrite: bool = False, progress: bool = True,
              on_nonfinite: str = "raise", in_chunk: int | None = None,
-             on_block: Callable[[Any], None] | None = None, _write: bool = True) -> Jacobian:
+             on_block: Callable[[Any], None] | None = None, reduce: Any = None,
+             _write: bool = True) -> Any:
     """Compute the per-example Jacobian of a sequence model, streamed into a zarr store.
 
     ``J[i, a, f1, t2, f2] = d y[i, out_steps[a], f1] / d x[i, t2, f2]`` for
@@ -133,11 +134,20 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         of a causal model falls exactly on unwritten chunks.
     on_block : callable, optional
         Called with each block (a :class:`jacstream.Block`) once it is safely stored.
+    reduce : str or jacstream.analysis.Reduction, optional
+        Reduce each block as soon as it is computed and keep only the reduced
+        result, never the full Jacobian: a name of :mod:`jacstream.analysis`
+        (``"lag_profile"``, ``"influence_map"``, ``"top_k"``,
+        ``"feature_importance"``) or ``analysis.reduction(name, **kwargs)``.
+        The result is saved at ``store`` (which may then be None) and loaded
+        again, not recomputed, by a later identical call.
 
     Returns
     -------
     Jacobian
-        A lazy view of the store; index it like a NumPy array.
+        A lazy view of the store; index it like a NumPy array. With ``reduce``,
+        the reduced result instead (an xarray object, as the analysis function
+        returns it).
 
     Examples
     --------
@@ -167,9 +177,15 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
                                    or block_size < 1):
         raise InputError(f"block_size must be a positive int (output steps per block), got "
                          f"{block_size!r}.")
-    path = Path(store)
-    existing = JobStore.open(path, mode="r+") if JobStore.exists(path) else None
-    if existing is None and path.exists() and not overwrite and (
+    reduction = None
+    if reduce is not None:  # only the reduced result is stored: no JobStore
+        from ._reduce import as_reduction
+
+        reduction = as_reduction(reduce)
+    path = Path(store) if store is not None or reduction is None else None
+    existing = (JobStore.open(path, mode="r+")
+                if reduction is None and JobStore.exists(path) else None)
+    if reduction is None and existing is None and path.exists() and not overwrite and (
             path.is_file() or any(path.iterdir())):
         JobStore.open(path)  # raises NotAStoreError with a clear message
 
@@ -242,6 +258,13 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
                              block_size=block_size, examples_per_block=examples_per_block,
                              memory_budget=budget, causal=is_causal, strategy=chosen,
                              dtype=dtype, cost=cost, in_chunk=in_chunk)
+        if reduction is not None:
+            from ._reduce import run_streaming
+
+            fn.static_block = the_plan.block_size
+            return run_streaming(reduction, the_plan, x, fn, path, job, overwrite=overwrite,
+                                 progress=progress, on_nonfinite=on_nonfinite,
+                                 on_block=on_block, t_out=t_out)
         js = JobStore.create(path, the_plan, {**job, "causal_reason": reason,
                                               "model_rewrites": prepared.rewritten,
                                               "device": dev}, overwrite=overwrite)

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -87,7 +87,8 @@ class JobStore:
         return p.exists() and (p / "zarr.json").exists()
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: str = "r") -> JobStore:
+    def open(cls, path: str | os.PathLike[str],
+             mode: Literal["r", "r+", "a", "w", "w-"] = "r") -> JobStore:
         p = Path(path)
         if not p.exists():
             raise NotAStoreError(f"no jacstream store at {str(p)!r}: the path does not exist. "
@@ -160,7 +161,9 @@ class JobStore:
     # -- metadata ---------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
-        return dict(self.group.attrs["jacstream"])
+        meta = self.group.attrs["jacstream"]
+        assert isinstance(meta, dict)
+        return dict(meta)
 
     def update_meta(self, **changes: Any) -> None:
         meta = self.meta

@@ -426,7 +426,7 @@ def detect_causal(model: Any, call: Callable[[Any], Any], x: np.ndarray,
         rows = [tf.reduce_sum(y[:, t, :]) for t in steps]
     if y.shape[1] != length:
         return False, f"output has {y.shape[1]} steps for {length} input steps"
-    for t, r in zip(steps, rows):
+    for t, r in zip(steps, rows, strict=True):
         g = tape.gradient(r, xt)
         if g is None:
             continue

@@ -15,5 +15,14 @@ from ._result import open as open  # noqa: A004
 from ._version import __version__ as __version__
 from .errors import JacstreamError as JacstreamError
 
-__all__ = ["Block", "Jacobian", "JacstreamError", "Plan", "__version__", "errors", "jacobian",
-           "open", "plan"]
+__all__ = ["Block", "Jacobian", "JacstreamError", "Plan", "__version__", "analysis", "errors",
+           "jacobian", "open", "plan", "plot"]
+
+
+def __getattr__(name: str) -> object:
+    # analysis (dask, xarray) and plot (matplotlib) load on first use
+    if name in ("analysis", "plot"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'jacstream' has no attribute {name!r}")

@@ -129,7 +129,7 @@ def heatmap(J: Any, example: int = 0, out_feature: int = 0, in_feature: int = 0,
         lo, hi = max(x[0], y[0]), min(x[-1], y[-1])
         if hi > lo:
             ax.plot([lo, hi], [lo, hi], ls="--", lw=0.8, color="0.55", label="t1 = t2")
-            ax.legend(loc="upper left", fontsize="small", framealpha=0.8)
+            ax.legend(loc="lower right", fontsize="small", framealpha=0.8)
     ax.set_xlim(x[0], x[-1])
     ax.set_ylim(y[0], y[-1])
     ax.set_xlabel("input step t2")

@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check jacstream tests benchmarks
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --durations=15
 
 ## bench-quick: the benchmark runner's smoke suite (under 3 minutes)
 bench-quick: $(VENV)/.installed-test

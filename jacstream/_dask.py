@@ -295,7 +295,11 @@ def run_dask(plan: Plan, store: JobStore, inputs: Any, model: Any, *, client: An
                dynamic_ncols=True, file=sys.stderr)
     try:
         for fut in as_completed(list(remaining.values())):
-            meta = fut.result()
+            try:
+                meta = fut.result()
+            except Exception as e:
+                _add_context(e, fut.key)
+                raise
             # Drop the finished future: a result lost with its worker is then not recomputed.
             del remaining[fut.key]
             if "error" in meta:
@@ -318,6 +322,16 @@ def run_dask(plan: Plan, store: JobStore, inputs: Any, model: Any, *, client: An
     bar.close()
     stats.wall_seconds = time.perf_counter() - t_start
     return stats
+
+
+def _add_context(e: BaseException, key: str) -> None:
+    if not hasattr(e, "add_note"):
+        return
+    note = f"jacstream: block {int(key.split('-')[2])} failed on the dask cluster"
+    if type(e).__name__ == "KilledWorker":
+        note += ("; every worker that ran it died (out of memory? lower memory_budget or "
+                 "block_size, or raise the workers' memory limit)")
+    e.add_note(note + ". Finished blocks are kept: call jacstream.jacobian() again to resume.")
 
 
 def _account(stats: DaskRunStats, meta: dict[str, Any], plan: Plan, on_nonfinite: str) -> None:

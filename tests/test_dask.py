@@ -27,7 +27,7 @@ cloudpickle = pytest.importorskip("cloudpickle")
 
 import jacstream  # noqa: E402
 from jacstream._store import JobStore  # noqa: E402
-from jacstream.errors import InputError, NonFiniteError, StoreWriteError  # noqa: E402
+from jacstream.errors import BudgetError, InputError, NonFiniteError, StoreWriteError  # noqa: E402
 
 # Test helpers and models defined here are shipped to the workers by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -131,9 +131,11 @@ def n_markers(path):
 def client():
     from distributed import Client, LocalCluster
 
+    # Workers import TensorFlow before they register (a worker restarted after a
+    # kill too), so that no task of a run waits on the import.
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            memory_limit="3GiB", dashboard_address=":0",
-                           silence_logs=logging.ERROR)
+                           silence_logs=logging.ERROR, preload=["jacstream._tf"])
     c = Client(cluster)
     try:
         yield c
@@ -195,44 +197,19 @@ def test_distributed_equals_local_bitwise(client, tmp_path, request, which, as_z
     assert max(w["traces"] for w in workers.values()) >= 1
 
 
-def test_interrupted_distributed_run_resumes_locally(client, tmp_path, lstm_local):
+def test_runs_resume_across_executors(client, tmp_path, lstm_local, monkeypatch):
+    """local (crashes after 5 blocks) -> dask (interrupted) -> local: one identical result."""
     model, x, expected = lstm_local
     path = tmp_path / "j.zarr"
-    seen = []
 
-    def stop_after_three(block):
-        seen.append(block.index)
-        if len(seen) == 3:
-            raise RuntimeError("stop")
-
-    client.run(slow_markers, 0.1)
-    try:
-        with pytest.raises(RuntimeError, match="stop"):
-            jacstream.jacobian(model, x, path, client=client, on_block=stop_after_three,
-                               **OPTS)
-        wait_idle(client)
-    finally:
-        client.run(slow_markers, 0)
-    done = n_markers(path)
-    assert 3 <= done < N_BLOCKS
-
-    res = jacstream.jacobian(model, x, path, **OPTS)        # local, same arguments
-    assert res.complete
-    assert res.stats["blocks_skipped"] == done
-    assert res.stats["blocks_computed"] == N_BLOCKS - done
-    assert np.array_equal(full(res), expected)
-
-
-def test_interrupted_local_run_resumes_distributed(client, tmp_path, lstm_local, monkeypatch):
-    model, x, expected = lstm_local
-    path = tmp_path / "j.zarr"
+    # 1. A local run that dies after 5 blocks (a simulated write failure).
     orig = JobStore.write_block
-    calls = []
+    local_blocks = []
 
     def failing(self, plan, block, data, durable=True):
-        if len(calls) == 5:
+        if len(local_blocks) == 5:
             raise StoreWriteError("simulated crash")
-        calls.append(block.index)
+        local_blocks.append(block.index)
         return orig(self, plan, block, data, durable)
 
     monkeypatch.setattr(JobStore, "write_block", failing)
@@ -241,12 +218,33 @@ def test_interrupted_local_run_resumes_distributed(client, tmp_path, lstm_local,
     monkeypatch.setattr(JobStore, "write_block", orig)
     assert n_markers(path) == 5
 
-    res = jacstream.jacobian(model, x, path, client=client, **OPTS)
+    # 2. The distributed run resumes it, and is itself interrupted after 3 more blocks.
+    dist_blocks = []
+
+    def stop_after_three(block):
+        dist_blocks.append(block.index)
+        if len(dist_blocks) == 3:
+            raise RuntimeError("stop")
+
+    client.run(slow_markers, 0.1)     # so that the run is still going after 3 blocks
+    try:
+        with pytest.raises(RuntimeError, match="stop"):
+            jacstream.jacobian(model, x, path, client=client, on_block=stop_after_three,
+                               **OPTS)
+        wait_idle(client)             # blocks already running finish and are kept
+    finally:
+        client.run(slow_markers, 0)
+    assert not set(dist_blocks) & set(local_blocks)    # done blocks were not redone
+    done = n_markers(path)
+    assert 8 <= done < N_BLOCKS
+
+    # 3. A local run finishes it.
+    res = jacstream.jacobian(model, x, path, **OPTS)
     assert res.complete
-    assert res.stats["blocks_skipped"] == 5
-    assert sorted(res.stats["computed_blocks"]) == sorted(set(range(N_BLOCKS)) - set(calls))
-    assert np.array_equal(full(res), expected)
-    assert res.attrs["runs"][-1]["executor"] == "dask"
+    assert res.stats["blocks_skipped"] == done
+    assert res.stats["blocks_computed"] == N_BLOCKS - done
+    assert full(res).tobytes() == expected.tobytes()
+    assert [r.get("executor", "local") for r in res.attrs["runs"]] == ["local"]
 
 
 def test_nonfinite_block_raises_in_client(client, tmp_path):
@@ -261,6 +259,16 @@ def test_nonfinite_block_raises_in_client(client, tmp_path):
     assert res.complete
     assert res.attrs["runs"][-1]["nonfinite_blocks"] == [3]
     assert np.isnan(res[3, 5, 0, 5, 0]) and np.isfinite(res[0]).all()
+
+
+def test_memory_budget_is_per_worker(client, tmp_path):
+    from jacstream._dask import _preflight, default_worker_budget
+    from jacstream._plan import CostModel, make_plan
+
+    assert default_worker_budget(client) == 3 * 2**30 // 4      # a quarter of memory_limit
+    big = make_plan((4, 40, 2), (4, 40, 1), block_size=4, cost=CostModel(fixed=4 * 2**30))
+    with pytest.raises(BudgetError, match="memory limit of worker"):
+        _preflight(client, big, tmp_path)
 
 
 def test_not_a_client_is_rejected(tmp_path):
@@ -287,7 +295,8 @@ def test_killed_worker_still_gives_complete_identical_result(client, tmp_path, l
     th = threading.Thread(target=run)
     th.start()
     end = time.monotonic() + 60
-    while n_markers(path) < 3 and time.monotonic() < end and th.is_alive():
+    while time.monotonic() < end and th.is_alive() and not (
+            n_markers(path) >= 8 and client.run(_executing, workers=[victim_addr])[victim_addr]):
         time.sleep(0.01)
     done_at_kill = n_markers(path)
     os.kill(victim, signal.SIGKILL)
@@ -298,9 +307,8 @@ def test_killed_worker_still_gives_complete_identical_result(client, tmp_path, l
         pass
     assert not th.is_alive(), "the distributed run did not finish after a worker died"
     assert "error" not in out, out.get("error")
-    assert 3 <= done_at_kill < N_BLOCKS, done_at_kill
+    assert 8 <= done_at_kill < N_BLOCKS, done_at_kill
     res = out["result"]
     assert res.complete and n_markers(path) == N_BLOCKS
     assert np.array_equal(full(res), expected)
     assert victim not in client.run(os.getpid).values()
-    assert victim_addr  # the killed worker was one of the two

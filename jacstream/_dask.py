@@ -136,7 +136,13 @@ def check_client(client: Any) -> None:
 
 
 def _model_payload(model: Any) -> tuple[str, bytes]:
-    """Serialise the original model: ``.keras`` bytes, else cloudpickle."""
+    """Serialise the original model: ``.keras`` bytes, else cloudpickle.
+
+    The kind is ``"keras"`` (loaded in Keras' safe mode) or, for a model with
+    Lambda layers, ``"keras-lambda"``: safe mode refuses the Python code of a
+    Lambda, and these bytes come from the caller's own in-memory model, not
+    from an untrusted file, so the workers load them with ``safe_mode=False``.
+    """
     import keras
 
     if isinstance(model, keras.Model):
@@ -145,9 +151,13 @@ def _model_payload(model: Any) -> tuple[str, bytes]:
             try:
                 model.save(path)
                 with open(path, "rb") as f:
-                    return "keras", f.read()
+                    payload = f.read()
+                config = json.dumps(model.get_config(), default=str)
             except Exception:
                 pass  # e.g. a subclassed model without get_config: try cloudpickle
+            else:
+                lam = '"class_name": "Lambda"' in config
+                return ("keras-lambda" if lam else "keras"), payload
     import cloudpickle
 
     try:
@@ -393,13 +403,12 @@ def _load_model(kind: str, payload: bytes) -> Any:
         with open(path, "wb") as f:
             f.write(payload)
         try:
-            return keras.models.load_model(path)   # safe mode: no arbitrary code
+            return keras.models.load_model(path, safe_mode=kind != "keras-lambda")
         except Exception as e:
             raise ModelError(
                 f"the dask worker could not load the model from its .keras file "
                 f"({type(e).__name__}: {e}). Custom layers must be importable on the workers "
-                "and registered with keras.saving.register_keras_serializable(); Lambda "
-                "layers cannot be loaded in safe mode.") from None
+                "and registered with keras.saving.register_keras_serializable().") from None
 
 
 def _worker_model(spec: dict[str, Any], model: tuple[str, bytes]) -> tuple[_WorkerModel, bool]:

@@ -63,6 +63,15 @@ def callable_model():
     return f
 
 
+def lambda_model():
+    """A Lambda layer: Keras' safe mode would refuse to load it on the workers."""
+    import keras
+
+    keras.utils.set_random_seed(99)
+    return keras.Sequential([keras.Input((None, F_IN)), keras.layers.Lambda(lambda t: t * 2.0),
+                             keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)])
+
+
 def sqrt_model():
     """|x| as sqrt(x * x): its autodiff derivative is NaN at x == 0 (inf * 0)."""
     import tensorflow as tf
@@ -160,6 +169,7 @@ def lstm_local(tmp_path_factory):
 CASES = [  # (model, inputs as zarr on disk?, strategy)
     pytest.param("lstm", False, "pfor", id="keras-numpy-pfor"),
     pytest.param("callable", True, "tile", id="callable-zarr-tile"),
+    pytest.param("lambda", False, "pfor", id="keras-lambda-pfor"),
 ]
 
 
@@ -170,7 +180,7 @@ def test_distributed_equals_local_bitwise(client, tmp_path, request, which, as_z
     if which == "lstm":
         model, x, expected = request.getfixturevalue("lstm_local")
     else:
-        model, x = callable_model(), inputs()
+        model, x = {"callable": callable_model, "lambda": lambda_model}[which](), inputs()
         local = jacstream.jacobian(model, x, tmp_path / "local.zarr", strategy=strategy, **OPTS)
         expected = full(local)
         ref = reference(model, x)

@@ -286,6 +286,14 @@ def test_not_a_client_is_rejected(tmp_path):
         jacstream.jacobian(lambda x: x, inputs(), tmp_path / "j.zarr", client=object())
 
 
+def test_connect_to_missing_scheduler_says_what_to_do():
+    from jacstream._dask import ClusterError, connect
+
+    with pytest.raises(ClusterError, match="dask scheduler") as info:
+        connect("tcp://127.0.0.1:9", timeout=0.5)
+    assert isinstance(info.value, ConnectionError)
+
+
 def test_killed_worker_still_gives_complete_identical_result(client, tmp_path, lstm_local):
     """Runs last: it kills a worker process (its nanny starts a new one)."""
     model, x, expected = lstm_local

@@ -77,7 +77,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
              dtype: str = "float32", overwrite: bool = False, progress: bool = True,
              on_nonfinite: str = "raise", in_chunk: int | None = None,
              on_block: Callable[[Any], None] | None = None, reduce: Any = None,
-             _write: bool = True) -> Any:
+             client: Any = None, _write: bool = True) -> Any:
     """Compute the per-example Jacobian of a sequence model, streamed into a zarr store.
 
     ``J[i, a, f1, t2, f2] = d y[i, out_steps[a], f1] / d x[i, t2, f2]`` for
@@ -141,6 +141,13 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         ``"feature_importance"``) or ``analysis.reduction(name, **kwargs)``.
         The result is saved at ``store`` (which may then be None) and loaded
         again, not recomputed, by a later identical call.
+    client : dask.distributed.Client, optional
+        Run the blocks as tasks on this dask cluster instead of in this process.
+        Every worker loads the model once and writes its blocks straight into
+        ``store``, which must be on a filesystem all workers see at the same
+        path. ``memory_budget`` then applies to each worker process (default:
+        2 GiB or a quarter of the smallest worker memory limit). Runs resume
+        across executors: a distributed run can be finished locally and back.
 
     Returns
     -------
@@ -169,6 +176,10 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     _check_choice("strategy", strategy, STRATEGY_CHOICES)
     _check_choice("on_nonfinite", on_nonfinite, NONFINITE_CHOICES)
     _check_choice("dtype", dtype, DTYPE_CHOICES)
+    if client is not None:
+        from ._dask import check_client
+
+        check_client(client)
     if not callable(model):
         raise InputError(f"model must be a Keras model or a callable, got {type(model).__name__}.")
     x = _as_inputs(inputs, scratch=store)
@@ -249,7 +260,8 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         the_plan, js = stored, existing
     else:
         if budget is None and block_size is None:
-            budget = default_memory_budget()
+            budget = (_dask_budget(client) if client is not None else None) or \
+                default_memory_budget()
         cost = None
         if block_size is None:
             cost = fn.probe_cost(sample if batch <= 2 else np.asarray(x[: min(batch, 4)]))
@@ -271,7 +283,14 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
 
     fn.static_block = the_plan.block_size
     with PeakTracker() as tracker:
-        stats = _run(the_plan, js, x, fn, progress, on_nonfinite, on_block, t_out, _write)
+        if client is None:
+            stats = _run(the_plan, js, x, fn, progress, on_nonfinite, on_block, t_out, _write)
+        else:
+            from ._dask import run_dask
+
+            stats = run_dask(the_plan, js, x, model, client=client, job=job, device=device,
+                             sample=short, static=fn.static, t_out=t_out, progress=progress,
+                             on_nonfinite=on_nonfinite, on_block=on_block)
     run = {
         "version": __version__,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -285,10 +304,18 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         "peak_rss_increase": max(tracker.peak - rss0, 0),
         "nonfinite_blocks": stats.nonfinite_blocks,
     }
+    if client is not None:
+        run.update(stats.run_info())   # executor, scheduler, traces per worker
     js.record_run(run)
     result = Jacobian(js)
     result.stats = {**run, "computed_blocks": stats.computed_blocks}
     return result
+
+
+def _dask_budget(client: Any) -> int | None:
+    from ._dask import default_worker_budget
+
+    return default_worker_budget(client)
 
 
 def _scale_fixed(cost: CostModel, overhead: int) -> CostModel:

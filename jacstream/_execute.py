@@ -60,13 +60,12 @@ class _Writer(threading.Thread):
             try:
                 if self.write:
                     self.store.write_block(self.plan, block, data)
-            except BaseException as e:  # surfaced in the caller
+                self.stats.write_seconds += time.perf_counter() - t0
+                self.bar.update(1)
+                if self.on_block is not None:
+                    self.on_block(block)
+            except BaseException as e:  # surfaced in the caller, never lost in this thread
                 self.error = e
-                continue
-            self.stats.write_seconds += time.perf_counter() - t0
-            self.bar.update(1)
-            if self.on_block is not None:
-                self.on_block(block)
 
     def put(self, item: tuple[Block, np.ndarray]) -> None:
         while True:

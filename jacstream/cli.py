@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe", action="store_true",
                    help="allow model files that hold Python code (Lambda layers); only for "
                         "files you trust")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the blocks on the dask cluster whose scheduler is at ADDRESS "
+                        "(e.g. tcp://10.0.0.5:8786); STORE must be on a filesystem every "
+                        "worker sees at the same path")
     p.set_defaults(func=_cmd_compute)
 
     p = sub.add_parser(
@@ -241,11 +245,21 @@ def _cmd_compute(args: argparse.Namespace) -> int:
 
     inputs = as_inputs(args.inputs)  # a bad path fails before the slow model load
     model = load_model(args.model, unsafe=args.unsafe)
-    result = jacstream.jacobian(
-        model, inputs, args.store, out_steps=args.out_steps, block_size=args.block_size,
-        memory_budget=args.memory_budget, examples_per_block=args.examples_per_block,
-        causal=args.causal, strategy=args.strategy, device=args.device, dtype=args.dtype,
-        overwrite=args.overwrite, progress=not args.quiet, on_nonfinite=args.on_nonfinite)
+    client = None
+    if args.scheduler:
+        from jacstream._dask import connect
+
+        client = connect(args.scheduler)  # a JacstreamError when unreachable
+    try:
+        result = jacstream.jacobian(
+            model, inputs, args.store, out_steps=args.out_steps, block_size=args.block_size,
+            memory_budget=args.memory_budget, examples_per_block=args.examples_per_block,
+            causal=args.causal, strategy=args.strategy, device=args.device, dtype=args.dtype,
+            overwrite=args.overwrite, progress=not args.quiet,
+            on_nonfinite=args.on_nonfinite, client=client)
+    finally:
+        if client is not None:
+            client.close()
     if not args.quiet:
         print(result.summary())
     return EXIT_OK

@@ -1,0 +1,332 @@
+"""Distributed runs on a real dask LocalCluster (2 worker processes).
+
+One cluster serves the whole module (each worker imports TensorFlow once).
+Every distributed result is compared bit for bit with a local run of the same
+job, and the local run with ``tf.GradientTape.batch_jacobian``. To interrupt
+runs or kill a worker mid-block deterministically, the workers' completion
+markers are slowed down through ``client.run`` (the marker is written after a
+block's chunks, so a kill during the delay leaves written but unmarked chunks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+distributed = pytest.importorskip("distributed")
+cloudpickle = pytest.importorskip("cloudpickle")
+
+import jacstream  # noqa: E402
+from jacstream._store import JobStore  # noqa: E402
+from jacstream.errors import BudgetError, InputError, NonFiniteError, StoreWriteError  # noqa: E402
+
+# Test helpers and models defined here are shipped to the workers by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+BATCH, T, F_IN = 4, 40, 2
+OPTS = {"block_size": 4, "examples_per_block": 2, "progress": False}   # 10 x 2 = 20 blocks
+N_BLOCKS = 20
+
+
+# --------------------------------------------------------------------------- models and data
+def lstm_model():
+    """LSTM with a TimeDistributed head: exercises the .keras payload and model rewrite."""
+    import keras
+
+    keras.utils.set_random_seed(1234)
+    inp = keras.Input((None, F_IN))
+    h = keras.layers.LSTM(6, return_sequences=True)(inp)
+    return keras.Model(inp, keras.layers.TimeDistributed(keras.layers.Dense(1))(h))
+
+
+def callable_model():
+    """A plain function of TF ops closing over constants: exercises the cloudpickle payload."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(7)
+    w1 = tf.constant(rng.normal(size=(F_IN, 3)).astype("float32"))
+    w2 = tf.constant(rng.normal(size=(3, 2)).astype("float32"))
+
+    def f(x):
+        h = tf.tanh(tf.cumsum(tf.einsum("btf,fg->btg", x, w1), axis=1) * 0.3)
+        return tf.einsum("btg,gh->bth", h, w2)
+
+    return f
+
+
+def lambda_model():
+    """A Lambda layer: Keras' safe mode would refuse to load it on the workers."""
+    import keras
+
+    keras.utils.set_random_seed(99)
+    return keras.Sequential([keras.Input((None, F_IN)), keras.layers.Lambda(lambda t: t * 2.0),
+                             keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)])
+
+
+def sqrt_model():
+    """|x| as sqrt(x * x): its autodiff derivative is NaN at x == 0 (inf * 0)."""
+    import tensorflow as tf
+
+    def f(x):
+        return tf.sqrt(x * x)
+
+    return f
+
+
+def inputs(seed=0):
+    return np.random.default_rng(seed).normal(size=(BATCH, T, F_IN)).astype("float32")
+
+
+def reference(model, x):
+    import tensorflow as tf
+
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = model(xt)
+    return tape.batch_jacobian(y, xt).numpy()
+
+
+def full(result):
+    return np.asarray(result.array[...])
+
+
+# --------------------------------------------------------------------------- worker helpers
+def slow_markers(seconds):
+    """On a worker: delay every completion marker by ``seconds`` (0 restores)."""
+    from jacstream._store import JobStore as Store
+
+    orig = Store.__dict__.get("_orig_mark_done") or Store._mark_done
+    Store._orig_mark_done = orig
+    if seconds:
+        def slow(self, index):
+            time.sleep(seconds)
+            orig(self, index)
+        Store._mark_done = slow
+    else:
+        Store._mark_done = orig
+
+
+def _executing(dask_worker):
+    return len(dask_worker.state.executing) + len(dask_worker.state.long_running)
+
+
+def wait_idle(client, timeout=30.0):
+    """Wait until no worker runs a task (a cancelled task still finishes its block)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not any(client.run(_executing).values()):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the cluster did not go idle")
+
+
+def n_markers(path):
+    d = os.path.join(path, "jacstream_blocks")
+    return sum(n.endswith(".done") for n in os.listdir(d)) if os.path.isdir(d) else 0
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    # Workers import TensorFlow before they register (a worker restarted after a
+    # kill too), so that no task of a run waits on the import.
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           memory_limit="3GiB", dashboard_address=":0",
+                           silence_logs=logging.ERROR, preload=["jacstream._tf"])
+    c = Client(cluster)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def lstm_local(tmp_path_factory):
+    """The local run every LSTM distributed run must equal bit for bit."""
+    model, x = lstm_model(), inputs()
+    res = jacstream.jacobian(model, x, tmp_path_factory.mktemp("local") / "j.zarr", **OPTS)
+    assert res.complete and res.n_blocks == N_BLOCKS
+    ref = reference(model, x)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(full(res), ref, rtol=1e-5, atol=1e-5 * scale)
+    return model, x, full(res)
+
+
+# --------------------------------------------------------------------------- tests
+CASES = [  # (model, inputs as zarr on disk?, strategy)
+    pytest.param("lstm", False, "pfor", id="keras-numpy-pfor"),
+    pytest.param("callable", True, "tile", id="callable-zarr-tile"),
+    pytest.param("lambda", False, "pfor", id="keras-lambda-pfor"),
+]
+
+
+@pytest.mark.parametrize(("which", "as_zarr", "strategy"), CASES)
+def test_distributed_equals_local_bitwise(client, tmp_path, request, which, as_zarr, strategy):
+    import zarr
+
+    if which == "lstm":
+        model, x, expected = request.getfixturevalue("lstm_local")
+    else:
+        model, x = {"callable": callable_model, "lambda": lambda_model}[which](), inputs()
+        local = jacstream.jacobian(model, x, tmp_path / "local.zarr", strategy=strategy, **OPTS)
+        expected = full(local)
+        ref = reference(model, x)
+        np.testing.assert_allclose(expected, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    xin = x
+    if as_zarr:   # workers read their slabs from the zarr array themselves
+        xin = zarr.create_array(str(tmp_path / "x.zarr"), shape=x.shape, dtype="float32",
+                                chunks=(2, T, F_IN))
+        xin[...] = x
+    seen = []
+    dist = jacstream.jacobian(model, xin, tmp_path / "dist.zarr", strategy=strategy,
+                              client=client, on_block=seen.append, **OPTS)
+    assert dist.complete
+    assert sorted(b.index for b in seen) == list(range(N_BLOCKS))
+    assert full(dist).tobytes() == expected.tobytes(), "distributed != local (bitwise)"
+    assert dist.plan.strategy == strategy
+
+    run = dist.attrs["runs"][-1]
+    assert run["executor"] == "dask" and run["blocks_computed"] == N_BLOCKS
+    workers = run["workers"]
+    assert sum(w["blocks"] for w in workers.values()) == N_BLOCKS
+    # Each worker process loads and traces once (twice at most: static fallback), not per task.
+    assert all(w["traces"] <= 2 for w in workers.values()), workers
+    assert max(w["traces"] for w in workers.values()) >= 1
+
+
+def test_runs_resume_across_executors(client, tmp_path, lstm_local, monkeypatch):
+    """local (crashes after 5 blocks) -> dask (interrupted) -> local: one identical result."""
+    model, x, expected = lstm_local
+    path = tmp_path / "j.zarr"
+
+    # 1. A local run that dies after 5 blocks (a simulated write failure).
+    orig = JobStore.write_block
+    local_blocks = []
+
+    def failing(self, plan, block, data, durable=True):
+        if len(local_blocks) == 5:
+            raise StoreWriteError("simulated crash")
+        local_blocks.append(block.index)
+        return orig(self, plan, block, data, durable)
+
+    monkeypatch.setattr(JobStore, "write_block", failing)
+    with pytest.raises(StoreWriteError):
+        jacstream.jacobian(model, x, path, **OPTS)
+    monkeypatch.setattr(JobStore, "write_block", orig)
+    assert n_markers(path) == 5
+
+    # 2. The distributed run resumes it, and is itself interrupted after 3 more blocks.
+    dist_blocks = []
+
+    def stop_after_three(block):
+        dist_blocks.append(block.index)
+        if len(dist_blocks) == 3:
+            raise RuntimeError("stop")
+
+    client.run(slow_markers, 0.1)     # so that the run is still going after 3 blocks
+    try:
+        with pytest.raises(RuntimeError, match="stop"):
+            jacstream.jacobian(model, x, path, client=client, on_block=stop_after_three,
+                               **OPTS)
+        wait_idle(client)             # blocks already running finish and are kept
+    finally:
+        client.run(slow_markers, 0)
+    assert not set(dist_blocks) & set(local_blocks)    # done blocks were not redone
+    done = n_markers(path)
+    assert 8 <= done < N_BLOCKS
+
+    # 3. A local run finishes it.
+    res = jacstream.jacobian(model, x, path, **OPTS)
+    assert res.complete
+    assert res.stats["blocks_skipped"] == done
+    assert res.stats["blocks_computed"] == N_BLOCKS - done
+    assert full(res).tobytes() == expected.tobytes()
+    assert [r.get("executor", "local") for r in res.attrs["runs"]] == ["local"]
+
+
+def test_nonfinite_block_raises_in_client(client, tmp_path):
+    x = inputs(1)
+    x[3, 5, 0] = 0.0        # NaN at J[3, 5, 0, 5, 0]: block 3 (output steps 4-7, examples 2-3)
+    with pytest.raises(NonFiniteError, match="block 3 .*NaN/Inf.*examples \\[3\\]"):
+        jacstream.jacobian(sqrt_model(), x, tmp_path / "a.zarr", client=client, causal=False,
+                           **OPTS)
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        res = jacstream.jacobian(sqrt_model(), x, tmp_path / "b.zarr", client=client,
+                                 causal=False, on_nonfinite="warn", **OPTS)
+    assert res.complete
+    assert res.attrs["runs"][-1]["nonfinite_blocks"] == [3]
+    assert np.isnan(res[3, 5, 0, 5, 0]) and np.isfinite(res[0]).all()
+
+
+def test_memory_budget_is_per_worker(client, tmp_path):
+    from jacstream._dask import _preflight, default_worker_budget
+    from jacstream._plan import CostModel, make_plan
+
+    assert default_worker_budget(client) == 3 * 2**30 // 4      # a quarter of memory_limit
+    big = make_plan((4, 40, 2), (4, 40, 1), block_size=4, cost=CostModel(fixed=4 * 2**30))
+    with pytest.raises(BudgetError, match="memory limit of worker"):
+        _preflight(client, big, tmp_path)
+
+
+def test_not_a_client_is_rejected(tmp_path):
+    with pytest.raises(InputError, match="dask.distributed.Client"):
+        jacstream.jacobian(lambda x: x, inputs(), tmp_path / "j.zarr", client=object())
+
+
+def test_connect_to_missing_scheduler_says_what_to_do():
+    from jacstream._dask import ClusterError, connect
+
+    with pytest.raises(ClusterError, match="dask scheduler") as info:
+        connect("tcp://127.0.0.1:9", timeout=0.5)
+    assert isinstance(info.value, ConnectionError)
+
+
+def test_killed_worker_still_gives_complete_identical_result(client, tmp_path, lstm_local):
+    """Runs last: it kills a worker process (its nanny starts a new one)."""
+    model, x, expected = lstm_local
+    path = tmp_path / "j.zarr"
+    pids = client.run(os.getpid)
+    victim_addr, victim = sorted(pids.items())[0]
+    # Most of each block's time is then spent between its chunks and its marker.
+    client.run(slow_markers, 0.15)
+    out = {}
+
+    def run():
+        try:
+            out["result"] = jacstream.jacobian(model, x, path, client=client, **OPTS)
+        except BaseException as e:   # surfaced below
+            out["error"] = e
+
+    th = threading.Thread(target=run)
+    th.start()
+    end = time.monotonic() + 60
+    while time.monotonic() < end and th.is_alive() and not (
+            n_markers(path) >= 8 and client.run(_executing, workers=[victim_addr])[victim_addr]):
+        time.sleep(0.01)
+    done_at_kill = n_markers(path)
+    os.kill(victim, signal.SIGKILL)
+    th.join(120)
+    try:
+        client.run(slow_markers, 0)
+    except Exception:
+        pass
+    assert not th.is_alive(), "the distributed run did not finish after a worker died"
+    assert "error" not in out, out.get("error")
+    assert 8 <= done_at_kill < N_BLOCKS, done_at_kill
+    res = out["result"]
+    assert res.complete and n_markers(path) == N_BLOCKS
+    assert np.array_equal(full(res), expected)
+    assert victim not in client.run(os.getpid).values()

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-python", default=None,
                    help="interpreter with torch for the PyTorch cases (default: this one if it "
                         "has torch, else those cases are recorded as unavailable)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads in the PyTorch cases (default: torch's own)")
     p.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: system temp)")
     p.add_argument("--list", action="store_true", help="list the suite's cases and exit")
     p.add_argument("--report-only", action="store_true",
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     budget = None if args.memory_budget == "default" else args.memory_budget
     settings = Settings(output=output, mem_cap=args.mem_cap, timeout=args.timeout,
-                        torch_python=args.torch_python, memory_budget=budget, tmp=args.tmp,
+                        torch_python=args.torch_python,
+                        torch_threads=args.torch_threads, memory_budget=budget, tmp=args.tmp,
                         suite=args.suite)
     t0 = time.perf_counter()
     results = run_cases(cases, settings)

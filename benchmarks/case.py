@@ -162,6 +162,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         if method.framework == "torch":
             import torch
 
+            if spec.get("options", {}).get("torch_threads"):
+                torch.set_num_threads(int(spec["options"]["torch_threads"]))
+            result["threads"] = torch.get_num_threads()
             with np.load(prep / "weights.npz") as z:
                 model = torch_model(w, {k: z[k] for k in z.files})
             with torch.no_grad():

@@ -122,9 +122,11 @@ def _tf_tape(ctx: Context, traced: bool = False, **kwargs: Any) -> Output:
     import tensorflow as tf
 
     model = ctx.model
+    # Eager batch_jacobian without pfor replays the tape once per row: it must persist.
+    persistent = kwargs.get("experimental_use_pfor") is False and not traced
 
     def jac(x: Any) -> Any:
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=persistent) as tape:
             tape.watch(x)
             y = model(x, training=False)
         return tape.batch_jacobian(y, x, **kwargs)

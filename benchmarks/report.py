@@ -211,6 +211,7 @@ def plot_family(results: dict[str, Any], family: str, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [r for r in results["cases"] if r["family"] == family]
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -233,10 +234,14 @@ def plot_family(results: dict[str, Any], family: str, path: Path) -> Path:
                 ax.plot(*zip(*bad, strict=True), "x", ms=10, mew=2,
                         color=line.get_color() if line else None,
                         label=None if line else f"{m} (killed)")
-        if key == "peak_rss" and cap:
+        top = max((r.get(key) or 0) * scale for r in rows)
+        if key == "peak_rss" and cap and top > cap / GiB / 8:
             ax.axhline(cap / GiB, color="grey", lw=1, ls="-.", label="memory cap")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        Ts = sorted({r["T"] for r in rows})
+        ax.set_xticks(Ts, [str(T) for T in Ts])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("T (sequence length)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)

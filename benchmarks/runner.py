@@ -62,6 +62,7 @@ class Settings:
     timeout: float = 600.0
     torch_python: str | None = None       # None: this interpreter if it has torch
     memory_budget: str | None = "1GiB"    # jacstream's memory_budget in every case
+    torch_threads: int | None = None      # torch.set_num_threads in PyTorch cases
     poll: float = 0.05
     tmp: Path | None = None
     suite: str = "custom"
@@ -288,7 +289,7 @@ def _merge(case: Case, mon: Monitored, res: dict[str, Any] | None,
     row["peak_rss_increase"] = (max(0, method_peak - res["rss_before"])
                                 if res.get("rss_before") and method_peak else None)
     for k in ("max_abs_err", "scale", "rel_err", "exact", "bytes_on_disk", "meta",
-              "forward_max_err", "framework_version", "check_error", "traceback"):
+              "forward_max_err", "framework_version", "threads", "check_error", "traceback"):
         if k in res:
             row[k] = res[k]
     row["result_nbytes"] = case.workload.result_nbytes
@@ -412,10 +413,13 @@ def run_cases(cases: Sequence[Case], settings: Settings,
             spec = {"mode": "run", "workload": case.workload.to_dict(), "method": case.method,
                     "prep": prepared[case.workload],
                     "workdir": str(scratch / "cases" / case.id.replace("/", "__")),
-                    "options": {"memory_budget": settings.memory_budget}}
+                    "options": {"memory_budget": settings.memory_budget,
+                                "torch_threads": settings.torch_threads}}
             log(f"[{n}/{len(cases)}] {case.id} ...")
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             mon, res = _spawn(spec, python, settings, case.id, timeout)
             row = _merge(case, mon, res, timeout)
+            row["load_avg_before"] = load
             _rmtree(Path(spec["workdir"]))
         history.setdefault((case.workload.name, case.method), []).append(row)
         results["cases"].append(row)

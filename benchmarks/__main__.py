@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads in the PyTorch cases (default: torch's own)")
     p.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: system temp)")
+    p.add_argument("--readme", type=Path, default=None, metavar="PATH",
+                   help="also put the targets, the reference model's table and its plot into "
+                        "this Markdown file (between bench:results markers), e.g. "
+                        "benchmarks/README.md")
     p.add_argument("--list", action="store_true", help="list the suite's cases and exit")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite report.md and the PNGs from OUTPUT/results.json")
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .report import check_exact, write_report
+    from .report import check_exact, update_readme, write_report
     from .runner import Settings, run_cases
     from .suites import SUITES
 
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         for path in write_report(output / "results.json", output):
             print(path)
+        if args.readme:
+            print(update_readme(output / "results.json", output, args.readme))
         return 0
     filters = [f for item in args.only for f in item.split(",") if f]
     cases = [c for c in SUITES[args.suite]() if not filters or any(f in c.id for f in filters)]
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = run_cases(cases, settings)
     paths = write_report(results, output)
+    if args.readme:
+        paths.append(update_readme(results, output, args.readme))
     print(f"{len(cases)} cases in {time.perf_counter() - t0:.0f} s; wrote "
           f"{output / 'results.json'}, " + ", ".join(str(p) for p in paths))
     check = args.check if args.check is not None else args.suite in ("quick", "smoke")

@@ -122,8 +122,9 @@ def _tf_tape(ctx: Context, traced: bool = False, **kwargs: Any) -> Output:
     import tensorflow as tf
 
     model = ctx.model
-    # Eager batch_jacobian without pfor replays the tape once per row: it must persist.
-    persistent = kwargs.get("experimental_use_pfor") is False and not traced
+    # Eager batch_jacobian without pfor, or in chunks of rows, replays the tape: it must persist.
+    persistent = not traced and (kwargs.get("experimental_use_pfor") is False
+                                 or "parallel_iterations" in kwargs)
 
     def jac(x: Any) -> Any:
         with tf.GradientTape(persistent=persistent) as tape:

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TARGETS_FAMILY", "check_exact", "fmt_bytes", "fmt_time", "targets", "write_report"]
+__all__ = ["TARGETS_FAMILY", "check_exact", "fmt_bytes", "fmt_time", "targets", "update_readme",
+           "write_report"]
 
 GiB = 2**30
 TARGETS_FAMILY = "lstm-h32"
@@ -23,7 +24,7 @@ Columns:
 **status**: `ok`; `oom` (killed when its resident memory, children included, passed the
 memory cap, or TensorFlow/PyTorch reported running out of memory); `timeout` (killed at the
 time limit); `skipped` (not run: it failed at a shorter T, or the time or memory projected
-from a shorter T, both growing as T squared, passes twice the limit); `unavailable` (PyTorch
+from a shorter T, both growing as T squared, passes 1.5x the timeout or 2x the memory cap); `unavailable` (PyTorch
 is not installed, or the method has no equivalent for this architecture); `error`.
 **time**: wall time of the method call alone, in its own process after TensorFlow/PyTorch
 is imported and the model built: tracing, the computation, and for jacstream the writes to
@@ -105,6 +106,13 @@ def _ok(r: dict[str, Any] | None) -> bool:
     return r is not None and r["status"] == "ok" and r.get("exact") is not False
 
 
+def _js_failed(js: dict[str, Any] | None) -> dict[str, Any]:
+    if js is None or js["status"] in ("skipped", "unavailable"):
+        return {"measured": "jacstream not run", "met": None}
+    return {"measured": f"jacstream {js['status']}"
+                        + (" (not exact)" if js["status"] == "ok" else ""), "met": False}
+
+
 def _speedup(js: dict[str, Any] | None, other: dict[str, Any] | None, need: float,
              what: str, cap: float) -> dict[str, Any]:
     """Is jacstream ``need`` x faster (``what="time"``) or smaller (``"memory"``) than ``other``?
@@ -116,7 +124,7 @@ def _speedup(js: dict[str, Any] | None, other: dict[str, Any] | None, need: floa
     key = "time_s" if what == "time" else "peak_rss"
     show = fmt_time if what == "time" else fmt_bytes
     if not _ok(js):
-        return {"measured": f"jacstream {js['status'] if js else 'not run'}", "met": False}
+        return _js_failed(js)
     if other is None or other["status"] not in ("ok", "oom", "timeout"):
         why = "not run" if other is None else f"{other['status']} {other.get('error', '')}"
         return {"measured": f"baseline {why.strip()}", "met": None}
@@ -165,7 +173,7 @@ def _vs_torch(rows: list[dict[str, Any]], T: int) -> dict[str, Any]:
     js = _row(rows, JACSTREAM, T)
     torch = [r for r in rows if r["framework"] == "torch" and r["T"] == T]
     if not _ok(js):
-        return {"measured": f"jacstream {js['status'] if js else 'not run'}", "met": False}
+        return _js_failed(js)
     if not torch or all(r["status"] == "unavailable" for r in torch):
         return {"measured": "PyTorch not measured (unavailable)", "met": None}
     ok = [r for r in torch if _ok(r)]
@@ -185,7 +193,7 @@ def _longest(rows: list[dict[str, Any]], T: int) -> dict[str, Any]:
                        + (f" ({r['error']})" if r["status"] == "skipped" else "")
                        for r in base if r is not None)
     if not _ok(js):
-        return {"measured": f"jacstream {js['status'] if js else 'not run'}", "met": False}
+        return _js_failed(js)
     if not any(base):
         return {"measured": f"jacstream {fmt_time(js['time_s'])}; no TF baseline in the run",
                 "met": None}
@@ -264,14 +272,14 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
             *["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]]
 
 
-def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
+def _header(results: dict[str, Any]) -> list[str]:
     s = results.get("settings", {})
     m = results.get("machine", {})
     v = m.get("versions", {})
     torch = results.get("torch", {})
-    cases = results.get("cases", [])
-    out = [f"# jacstream benchmarks: suite `{results.get('suite')}`", "",
-           f"Run {results.get('started')} to {results.get('finished', '(unfinished)')} on "
+    loads = [r["load_avg_before"] for r in results.get("cases", [])
+             if r.get("load_avg_before") is not None]
+    out = [f"Run {results.get('started')} to {results.get('finished', '(unfinished)')} on "
            f"{m.get('cpu')} ({m.get('cpu_count')} CPUs), {fmt_bytes(m.get('memory_total'))} RAM, "
            f"{m.get('platform')}; Python {m.get('python')}, "
            + ", ".join(f"{k} {val}" for k, val in v.items() if val)
@@ -280,25 +288,46 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
            f"Limits per case: memory cap {fmt_bytes(float(s.get('mem_cap') or 0))}, timeout "
            f"{fmt_time(s.get('timeout'))} (unless a case sets its own). jacstream runs with "
            f"memory_budget={s.get('memory_budget')!r}. Each case runs in its own process.", ""]
+    if loads:
+        busy = max(loads) > (m.get("cpu_count") or 1)
+        out += [f"Load average (1 min) before the cases: {min(loads):.1f} to {max(loads):.1f}"
+                + (f" - above the {m.get('cpu_count')} CPUs at times: other work shared the "
+                   "machine, so read ratios rather than absolute times." if busy else "."), ""]
+    return out
+
+
+def _targets_md(results: dict[str, Any]) -> list[str]:
     tg = targets(results)
-    if tg:
-        out += ["## Targets", "",
-                *_table(["target", "measured in this run", "status"],
-                        [[t["target"], t["measured"],
-                          {True: "**met**", False: "**not met**", None: "not measured"}[t["met"]]]
-                         for t in tg]), ""]
+    if not tg:
+        return []
+    return ["## Targets", "",
+            *_table(["target", "measured in this run", "status"],
+                    [[t["target"], t["measured"],
+                      {True: "**met**", False: "**not met**", None: "not measured"}[t["met"]]]
+                     for t in tg]), ""]
+
+
+def _family_md(results: dict[str, Any], family: str, plot: str | None) -> list[str]:
+    rows = [r for r in results.get("cases", []) if r["family"] == family]
+    Ts = sorted({r["T"] for r in rows})
+    desc = next((w["describe"] for w in results["workloads"].values()
+                 if w["name"] == family), "")
+    out = [f"## {family}: {desc}", "", "Time / peak RSS of each method:", ""]
+    body = [[f"`{meth}`", *[_cell(_row(rows, meth, T)) for T in Ts]]
+            for meth in dict.fromkeys(r["method"] for r in rows)]
+    out += _table(["method", *[f"T={T}" for T in Ts]], body) + [""]
+    if plot:
+        out += [f"![{family}]({plot})", ""]
+    return out
+
+
+def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
+    s = results.get("settings", {})
+    cases = results.get("cases", [])
+    out = [f"# jacstream benchmarks: suite `{results.get('suite')}`", "", *_header(results),
+           *_targets_md(results)]
     for family in dict.fromkeys(r["family"] for r in cases):
-        rows = [r for r in cases if r["family"] == family]
-        Ts = sorted({r["T"] for r in rows})
-        desc = next((w["describe"] for w in results["workloads"].values()
-                     if w["name"] == family), "")
-        out += [f"## {family}: {desc}", "", "Time / peak RSS of each method:", ""]
-        body = []
-        for meth in dict.fromkeys(r["method"] for r in rows):
-            body.append([f"`{meth}`", *[_cell(_row(rows, meth, T)) for T in Ts]])
-        out += _table(["method", *[f"T={T}" for T in Ts]], body) + [""]
-        if family in plots:
-            out += [f"![{family}]({plots[family]})", ""]
+        out += _family_md(results, family, plots.get(family))
     out += ["## All cases", ""]
     body = [[r["id"], r["status"] if r["status"] != "skipped" else f"skipped ({r.get('error')})"
              if r.get("error") else "skipped",
@@ -316,6 +345,46 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
                                   results.get("methods", {}).items()] + [""]
     out += [COLUMNS.format(rtol=float(s.get("exact_rtol", 1e-4)))]
     return "\n".join(out)
+
+
+README_START = "<!-- bench:results:start -->"
+README_END = "<!-- bench:results:end -->"
+
+
+def update_readme(results: dict[str, Any] | Path, output: Path, readme: Path,
+                  family: str = TARGETS_FAMILY) -> Path:
+    """Put the run's targets, the ``family`` table and its plot into ``readme``.
+
+    The section between ``<!-- bench:results:start -->`` and ``<!-- bench:results:end -->``
+    is replaced (appended if the markers are missing); the plot is copied to
+    ``results/<suite>-<family>.png`` next to the README.
+    """
+    import shutil
+
+    if isinstance(results, Path):
+        results = json.loads(results.read_text())
+    images = readme.parent / "results"
+    images.mkdir(parents=True, exist_ok=True)
+    plot = None
+    if (output / f"{family}.png").exists():
+        name = f"{results.get('suite')}-{family}.png"
+        shutil.copyfile(output / f"{family}.png", images / name)
+        plot = f"results/{name}"
+    lines = [README_START, "", f"Suite `{results.get('suite')}` (`python -m benchmarks --suite "
+             f"{results.get('suite')}`); the full report is `report.md` in its output folder.",
+             "", *_header(results), *_targets_md(results)]
+    if any(r["family"] == family for r in results.get("cases", [])):
+        lines += _family_md(results, family, plot)
+    lines += [README_END]
+    section = "\n".join(lines)
+    text = readme.read_text() if readme.exists() else ""
+    if README_START in text and README_END in text:
+        head, rest = text.split(README_START, 1)
+        text = head + section + rest.split(README_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    readme.write_text(text)
+    return readme
 
 
 def write_report(results: dict[str, Any] | Path, output: Path) -> list[Path]:

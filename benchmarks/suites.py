@@ -60,7 +60,8 @@ def quick() -> list[Case]:
     lstm = Workload("lstm-h16", "lstm", T=30, batch=4, H=16)
     cases = cases_for(lstm, ["jacstream", "tf-eager", "tf-function"], (30, 60))
     cases += cases_for(lstm, JACSTREAM_VARIANTS[1:], (60,))
-    cases += cases_for(lstm, ["tf-eager-pi50", "tf-eager-nopfor"], (30,))
+    cases += cases_for(lstm, ["tf-eager-nopfor"], (30,))
+    cases += cases_for(lstm, ["tf-eager-pi50"], (60,))      # 60 rows: two chunks of 50
     cases += cases_for(Workload("lstm-wide", "lstm", T=30, batch=3, H=8, F_in=3, F_out=3),
                        ["jacstream", "tf-eager"], (30,))
     cases += cases_for(Workload("gru-h8", "gru", T=40, batch=3, H=8), ["jacstream"], (40,))

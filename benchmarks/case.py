@@ -43,8 +43,10 @@ EXACT_RTOL = 1e-4   # max abs error relative to max |J| on the sampled rows
 PHASE = "@@phase"
 
 
-def phase(name: str) -> None:
-    print(f"{PHASE} {name}", flush=True)
+def phase(name: str, **values: int) -> None:
+    """Tell the parent which phase this is (``@@phase method rss_before=123``)."""
+    extra = "".join(f" {k}={v}" for k, v in values.items())
+    print(f"{PHASE} {name}{extra}", flush=True)
 
 
 # --------------------------------------------------------------------------- memory
@@ -185,7 +187,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     result["rss_before"] = rss()
     result["hwm_before"] = hwm()
     result["hwm_reset"] = reset_hwm()
-    phase("method")
+    phase("method", rss_before=result["rss_before"])
     t0 = time.perf_counter()
     try:
         out = method.fn(ctx)

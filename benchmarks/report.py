@@ -329,8 +329,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     for family in dict.fromkeys(r["family"] for r in cases):
         out += _family_md(results, family, plots.get(family))
     out += ["## All cases", ""]
-    body = [[r["id"], r["status"] if r["status"] != "skipped" else f"skipped ({r.get('error')})"
-             if r.get("error") else "skipped",
+    body = [[r["id"], r["status"] if r["status"] != "skipped" else
+             f"skipped ({str(r.get('error', '')).removeprefix('skipped: ')})",
              (">" if r["status"] in ("oom", "timeout") else "") + fmt_time(r.get("time_s")),
              fmt_bytes(r.get("peak_rss")), fmt_bytes(r.get("peak_rss_increase")),
              fmt_bytes(r.get("bytes_on_disk")), fmt_bytes(r.get("result_nbytes")), _check(r)]

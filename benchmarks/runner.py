@@ -82,6 +82,7 @@ class Monitored:
     method_peak_rss: int
     method_s: float | None      # time from the "method" phase to its end or the kill
     phases: list[str] = field(default_factory=list)
+    values: dict[str, int] = field(default_factory=dict)   # key=value from phase lines
     log_tail: str = ""
 
 
@@ -117,7 +118,8 @@ def monitor(cmd: Sequence[str], *, mem_cap: int, timeout: float, poll: float = 0
     """
     log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115
     tail: list[str] = []
-    state: dict[str, Any] = {"phase": "start", "phases": [], "t_method": None, "t_end": None}
+    state: dict[str, Any] = {"phase": "start", "phases": [], "t_method": None, "t_end": None,
+                             "values": {}}
     t0 = time.perf_counter()
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", env=env, cwd=cwd,
@@ -127,7 +129,11 @@ def monitor(cmd: Sequence[str], *, mem_cap: int, timeout: float, poll: float = 0
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith(PHASE):
-                name = line[len(PHASE):].strip()
+                name, *values = line[len(PHASE):].split()
+                for kv in values:
+                    k, _, v = kv.partition("=")
+                    if v.isdigit():
+                        state["values"][k] = int(v)
                 now = time.perf_counter()
                 if state["phase"] == "method" and state["t_end"] is None:
                     state["t_end"] = now
@@ -167,7 +173,7 @@ def monitor(cmd: Sequence[str], *, mem_cap: int, timeout: float, poll: float = 0
         log.close()
     method_s = (state["t_end"] - state["t_method"]) if state["t_method"] is not None else None
     return Monitored(status, proc.returncode, now - t0, peak, method_peak, method_s,
-                     list(state["phases"]), "".join(tail)[-3000:])
+                     list(state["phases"]), dict(state["values"]), "".join(tail)[-3000:])
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:
@@ -288,9 +294,9 @@ def _merge(case: Case, mon: Monitored, res: dict[str, Any] | None,
     row["peak_rss"] = max(mon.peak_rss, hwm_before, hwm_after)
     method_hwm = hwm_after if (res.get("hwm_reset") or hwm_after != hwm_before) else 0
     method_peak = max(mon.method_peak_rss, method_hwm)
-    row["rss_before"] = res.get("rss_before")
-    row["peak_rss_increase"] = (max(0, method_peak - res["rss_before"])
-                                if res.get("rss_before") and method_peak else None)
+    before = res.get("rss_before") or mon.values.get("rss_before")
+    row["rss_before"] = before
+    row["peak_rss_increase"] = max(0, method_peak - before) if before and method_peak else None
     for k in ("max_abs_err", "scale", "rel_err", "exact", "bytes_on_disk", "meta",
               "forward_max_err", "framework_version", "threads", "check_error", "traceback"):
         if k in res:

@@ -6,7 +6,7 @@
 ``full``   the reference model over T = 100 ... 10000 against every baseline,
            plus a wide, a bigger, a GRU and a causal Conv1D model at T=300;
            about an hour on 2 cores.
-``smoke``  one tiny workload at two lengths, jacstream and eager (the test suite).
+``smoke``  one tiny LSTM, jacstream at two lengths and eager at one (the test suite).
 
 Cases of one method on one family are listed in increasing T: the runner
 skips the longer ones once a shorter one failed.
@@ -58,20 +58,20 @@ def full() -> list[Case]:
 
 def quick() -> list[Case]:
     lstm = Workload("lstm-h16", "lstm", T=30, batch=4, H=16)
-    cases = cases_for(lstm, ["jacstream", "tf-eager", "tf-function"], (30, 60))
-    cases += cases_for(lstm, JACSTREAM_VARIANTS[1:], (60,))
+    cases = cases_for(lstm, ["jacstream", "tf-eager"], (30, 60))
+    cases += cases_for(lstm, ["tf-function", *JACSTREAM_VARIANTS[1:]], (60,))
     cases += cases_for(lstm, ["tf-eager-nopfor"], (30,))
     cases += cases_for(lstm, ["tf-eager-pi50"], (60,))      # 60 rows: two chunks of 50
-    cases += cases_for(Workload("lstm-wide", "lstm", T=30, batch=3, H=8, F_in=3, F_out=3),
-                       ["jacstream", "tf-eager"], (30,))
-    cases += cases_for(Workload("gru-h8", "gru", T=40, batch=3, H=8), ["jacstream"], (40,))
-    cases += cases_for(Workload("conv-h8", "conv", T=40, batch=3, H=8), ["jacstream"], (40,))
+    for w in (Workload("lstm-wide", "lstm", T=30, batch=3, H=8, F_in=3, F_out=3),
+              Workload("gru-h8", "gru", T=40, batch=3, H=8),
+              Workload("conv-h8", "conv", T=40, batch=3, H=8)):
+        cases += cases_for(w, ["jacstream"], (w.T,))
     return cases
 
 
 def smoke() -> list[Case]:
     w = Workload("lstm-h4", "lstm", T=10, batch=2, H=4)
-    return cases_for(w, ["jacstream", "tf-eager"], (10, 20))
+    return cases_for(w, ["jacstream"], (10, 20)) + cases_for(w, ["tf-eager"], (10,))
 
 
 SUITES: dict[str, Callable[[], list[Case]]] = {"quick": quick, "full": full, "smoke": smoke}

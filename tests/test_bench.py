@@ -134,10 +134,12 @@ def test_monitor_kills_at_the_timeout_and_its_children_too(tmp_path: Path) -> No
 
 def test_monitor_records_phases_and_exit_code() -> None:
     m = monitor(_py("""
-        print("@@phase setup"); print("hello"); print("@@phase method", flush=True)
+        print("@@phase setup"); print("hello")
+        print("@@phase method rss_before=1234", flush=True)
         import sys; sys.exit(3)
         """), mem_cap=8 * GiB, timeout=30)
     assert (m.status, m.returncode, m.phases) == ("exited", 3, ["setup", "method"])
+    assert m.values == {"rss_before": 1234}
     assert "hello" in m.log_tail
 
 
@@ -263,7 +265,7 @@ def test_suites_list_their_cases_in_increasing_T() -> None:
 
 # --------------------------------------------------------------------------- end to end
 def test_smoke_suite_runs_end_to_end(tmp_path: Path) -> None:
-    """One tiny workload at two lengths, jacstream and eager, through real subprocesses."""
+    """A tiny LSTM, jacstream at two lengths and eager at one, through real subprocesses."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     out = tmp_path / "results"
@@ -274,13 +276,13 @@ def test_smoke_suite_runs_end_to_end(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["machine"]["versions"]["tensorflow"]
     cases = results["cases"]
-    assert {c["method"] for c in cases} == {"jacstream", "tf-eager"} and len(cases) == 4
+    assert {c["method"] for c in cases} == {"jacstream", "tf-eager"} and len(cases) == 3
     for c in cases:
         assert c["status"] == "ok" and c["exact"] is True, c
         assert c["rel_err"] <= EXACT_RTOL and c["time_s"] > 0
         assert c["peak_rss"] >= c["rss_before"] > 0 and c["peak_rss_increase"] >= 0
-        assert (c["bytes_on_disk"] > 0) == (c["method"] == "jacstream")
+        assert ((c["bytes_on_disk"] or 0) > 0) == (c["method"] == "jacstream")
     md = (out / "report.md").read_text()
-    assert md.count("exact (") == 4 and "WRONG" not in md
+    assert md.count("exact (") == 3 and "WRONG" not in md
     assert (out / "lstm-h4.png").stat().st_size > 10_000
     assert list((out / "logs").glob("*.log"))

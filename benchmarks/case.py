@@ -107,8 +107,9 @@ def compare(got: np.ndarray | None, ref: np.ndarray) -> dict[str, Any]:
 
 def _classify(e: BaseException) -> str:
     text = f"{type(e).__name__} {e}".lower()
-    if isinstance(e, MemoryError) or "resourceexhausted" in text or "outofmemory" in text \
-            or "out of memory" in text or " oom " in f" {text} ":
+    if isinstance(e, MemoryError) or any(k in text for k in (
+            "resourceexhausted", "outofmemory", "out of memory", "can't allocate memory",
+            "cannot allocate memory")) or " oom " in f" {text} ":
         return "oom"
     if isinstance(e, Unavailable):
         return "unavailable"
@@ -139,10 +140,11 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
         np.savez(prep / "weights.npz", **{f"w{i}": a for i, a in enumerate(weights)})
         x = w.make_inputs()
         np.save(prep / "inputs.npy", x)
-        np.save(prep / "outputs.npy", np.asarray(model(x, training=False)))
         pairs = w.sample_rows()
         (prep / "pairs.json").write_text(json.dumps(pairs))
-        np.save(prep / "reference.npy", reference(model, x, pairs))
+        rows, outputs = reference(model, x, pairs)
+        np.save(prep / "reference.npy", rows)
+        np.save(prep / "outputs.npy", outputs)
         done[w.key] = {"status": "ok", "wall_s": round(time.perf_counter() - t0, 3),
                        "pairs": pairs, "n_weights": int(sum(a.size for a in weights))}
         import keras

@@ -70,7 +70,7 @@ class Method:
     archs: tuple[str, ...] = ("lstm", "gru", "conv")
 
 
-def _rows(J: np.ndarray) -> Callable[[Pairs], np.ndarray]:
+def _rows(J: Any) -> Callable[[Pairs], np.ndarray]:
     return lambda pairs: np.stack([np.asarray(J[i, t]) for i, t in pairs])
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["TARGETS_FAMILY", "check_exact", "fmt_bytes", "fmt_time", "targets", "update_readme",
            "write_report"]
@@ -102,7 +102,7 @@ def _row(rows: list[dict[str, Any]], method: str, T: int) -> dict[str, Any] | No
     return next((r for r in rows if r["method"] == method and r["T"] == T), None)
 
 
-def _ok(r: dict[str, Any] | None) -> bool:
+def _ok(r: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     return r is not None and r["status"] == "ok" and r.get("exact") is not False
 
 
@@ -254,7 +254,7 @@ def plot_family(results: dict[str, Any], family: str, path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7, loc="best")
-    wl = next(iter(results["workloads"].values()), {})
+    wl: dict[str, Any] = next(iter(results["workloads"].values()), {})
     for w in results["workloads"].values():
         if w["name"] == family:
             wl = w
@@ -347,6 +347,13 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(out)
 
 
+def _load(results: dict[str, Any] | Path) -> dict[str, Any]:
+    if isinstance(results, Path):
+        data: dict[str, Any] = json.loads(results.read_text())
+        return data
+    return results
+
+
 README_START = "<!-- bench:results:start -->"
 README_END = "<!-- bench:results:end -->"
 
@@ -361,8 +368,7 @@ def update_readme(results: dict[str, Any] | Path, output: Path, readme: Path,
     """
     import shutil
 
-    if isinstance(results, Path):
-        results = json.loads(results.read_text())
+    results = _load(results)
     images = readme.parent / "results"
     images.mkdir(parents=True, exist_ok=True)
     plot = None
@@ -389,8 +395,7 @@ def update_readme(results: dict[str, Any] | Path, output: Path, readme: Path,
 
 def write_report(results: dict[str, Any] | Path, output: Path) -> list[Path]:
     """Write ``report.md`` and one PNG per workload family into ``output``; return the paths."""
-    if isinstance(results, Path):
-        results = json.loads(results.read_text())
+    results = _load(results)
     output.mkdir(parents=True, exist_ok=True)
     plots: dict[str, str] = {}
     written = []

@@ -226,10 +226,11 @@ def machine_info() -> dict[str, Any]:
                        cpu)
     except OSError:
         pass
+    js_version: str | None = None
     try:
         from jacstream._version import __version__ as js_version
     except Exception:
-        js_version = None
+        pass
     return {
         "platform": platform.platform(),
         "cpu": cpu,
@@ -419,7 +420,7 @@ def run_cases(cases: Sequence[Case], settings: Settings,
         else:
             python = torch_exe if method.framework == "torch" else sys.executable
             assert python is not None
-            spec = {"mode": "run", "workload": case.workload.to_dict(), "method": case.method,
+            spec: dict[str, Any] = {"mode": "run", "workload": case.workload.to_dict(), "method": case.method,
                     "prep": prepared[case.workload],
                     "workdir": str(scratch / "cases" / case.id.replace("/", "__")),
                     "options": {"memory_budget": settings.memory_budget,

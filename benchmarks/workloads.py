@@ -121,25 +121,29 @@ class Workload:
         return keras.Model(inp, out, name=self.name.replace("-", "_"))
 
 
-def reference(model: Any, x: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
+def reference(model: Any, x: np.ndarray,
+              pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """Exact Jacobian rows ``J[i, t1]`` for each sampled pair, by ordinary gradients.
 
     Every (pair, output feature) gets its own copy of example ``i`` in one
     batch; one ``tape.gradient`` of the sum of the selected outputs then gives
-    every row at once, because examples do not interact. Returns an array of
-    shape ``(len(pairs), F_out, T, F_in)``.
+    every row at once, because examples do not interact. The same batch also
+    carries ``x`` itself, so the one (slow, eager) forward pass gives the
+    model's outputs too. Returns the rows, shape ``(len(pairs), F_out, T,
+    F_in)``, and the outputs ``model(x)``.
     """
     import tensorflow as tf
 
     f_out = int(model.output_shape[-1])
     rows = [(i, t, f) for i, t in pairs for f in range(f_out)]
-    xr = tf.constant(np.stack([x[i] for i, _, _ in rows]))
-    sel = np.zeros((len(rows), x.shape[1], f_out), np.float32)
+    b = x.shape[0]
+    xr = tf.constant(np.concatenate([x, np.stack([x[i] for i, _, _ in rows])]))
+    sel = np.zeros((b + len(rows), x.shape[1], f_out), np.float32)
     for r, (_, t, f) in enumerate(rows):
-        sel[r, t, f] = 1.0
+        sel[b + r, t, f] = 1.0
     with tf.GradientTape() as tape:
         tape.watch(xr)
         y = model(xr, training=False)
         loss = tf.reduce_sum(y * sel)
-    g = tape.gradient(loss, xr).numpy()
-    return g.reshape(len(pairs), f_out, x.shape[1], x.shape[2])
+    g = tape.gradient(loss, xr).numpy()[b:]
+    return g.reshape(len(pairs), f_out, x.shape[1], x.shape[2]), np.asarray(y)[:b]

@@ -1,0 +1,113 @@
+"""Command line: ``python -m benchmarks --suite quick --output bench-results/quick``."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+GiB = 2**30
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
+          "mib": 2**20, "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"16GiB"`` -> bytes.
+
+    >>> parse_bytes("16GiB") == 16 * 2**30, parse_bytes("512 MiB"), parse_bytes("1000")
+    (True, 536870912, 1000)
+    """
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 16GiB or 512MiB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .suites import SUITES
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=(
+        "Benchmark jacstream against the usual ways of computing per-example Jacobians; "
+        "each case in its own process with a memory cap and a timeout."))
+    p.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    p.add_argument("--output", type=Path, default=None,
+                   help="folder for results.json, report.md, PNGs and logs "
+                        "(default: bench-results/SUITE)")
+    p.add_argument("--only", action="append", default=[], metavar="SUBSTR",
+                   help="run only cases whose id (WORKLOAD-T/METHOD, e.g. lstm-h32-T300/tf-eager)"
+                        " contains one of these substrings; repeat or separate by commas")
+    p.add_argument("--mem-cap", type=parse_bytes, default=16 * GiB,
+                   help="kill a case whose RSS passes this (default 16GiB)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds per case unless the suite sets more (default 600)")
+    p.add_argument("--memory-budget", default="1GiB",
+                   help="jacstream's memory_budget in every jacstream case (default 1GiB; "
+                        "'default' for the library's own default)")
+    p.add_argument("--torch-python", default=None,
+                   help="interpreter with torch for the PyTorch cases (default: this one if it "
+                        "has torch, else those cases are recorded as unavailable)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads in the PyTorch cases (default: torch's own)")
+    p.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: system temp)")
+    p.add_argument("--readme", type=Path, default=None, metavar="PATH",
+                   help="also put the targets, the reference model's table and its plot into "
+                        "this Markdown file (between bench:results markers), e.g. "
+                        "benchmarks/README.md")
+    p.add_argument("--list", action="store_true", help="list the suite's cases and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite report.md and the PNGs from OUTPUT/results.json")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help="exit 1 unless every case ran and was exact (default: on for the quick "
+                        "and smoke suites)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .report import check_exact, update_readme, write_report
+    from .runner import Settings, run_cases
+    from .suites import SUITES
+
+    output = args.output or Path("bench-results") / args.suite
+    if args.report_only:
+        for path in write_report(output / "results.json", output):
+            print(path)
+        if args.readme:
+            print(update_readme(output / "results.json", output, args.readme))
+        return 0
+    filters = [f for item in args.only for f in item.split(",") if f]
+    cases = [c for c in SUITES[args.suite]() if not filters or any(f in c.id for f in filters)]
+    if args.list:
+        for c in cases:
+            print(c.id + (f"  (timeout {c.timeout:.0f} s)" if c.timeout else ""))
+        return 0
+    if not cases:
+        print(f"no case of suite {args.suite!r} matches --only {filters}", file=sys.stderr)
+        return 2
+    budget = None if args.memory_budget == "default" else args.memory_budget
+    settings = Settings(output=output, mem_cap=args.mem_cap, timeout=args.timeout,
+                        torch_python=args.torch_python,
+                        torch_threads=args.torch_threads, memory_budget=budget, tmp=args.tmp,
+                        suite=args.suite)
+    t0 = time.perf_counter()
+    results = run_cases(cases, settings)
+    paths = write_report(results, output)
+    if args.readme:
+        paths.append(update_readme(results, output, args.readme))
+    print(f"{len(cases)} cases in {time.perf_counter() - t0:.0f} s; wrote "
+          f"{output / 'results.json'}, " + ", ".join(str(p) for p in paths))
+    check = args.check if args.check is not None else args.suite in ("quick", "smoke")
+    if check:
+        bad = check_exact(results)
+        for line in bad:
+            print(f"FAILED {line}", file=sys.stderr)
+        if bad:
+            return 1
+        print(f"all {len(results['cases'])} cases ran and are exact")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

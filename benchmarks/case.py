@@ -1,0 +1,228 @@
+"""One case in its own process: ``python -m benchmarks.case SPEC.json``.
+
+Two modes, both started and watched by :mod:`benchmarks.runner`:
+
+``prepare``
+    Build the workload's Keras model from its seed and save what every case of
+    that workload shares: the weights (``weights.npz``), the inputs
+    (``inputs.npy``), the model's outputs (``outputs.npy``), the sampled
+    (example, step) pairs and the exact reference rows of the Jacobian there
+    (``reference.npy``, by ordinary ``tape.gradient``). Doing this once, in its
+    own process, keeps the reference's memory out of every case's peak.
+
+``run``
+    Load the model (Keras, or the equivalent PyTorch module for torch methods),
+    then run one method under the clock. Memory is read just before the
+    method (the "before" RSS the increase is measured from, and the peak so
+    far), the kernel's peak counter is reset, and the peak is read again after
+    the method. The sampled rows are then compared with the reference.
+
+The process prints ``@@phase NAME`` lines so the parent can tell which of its
+RSS samples fall inside the method, and writes its result as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .methods import METHODS, Context, Unavailable, torch_model
+from .workloads import Workload, reference
+
+__all__ = ["EXACT_RTOL", "compare", "main"]
+
+EXACT_RTOL = 1e-4   # max abs error relative to max |J| on the sampled rows
+PHASE = "@@phase"
+
+
+def phase(name: str, **values: int) -> None:
+    """Tell the parent which phase this is (``@@phase method rss_before=123``)."""
+    extra = "".join(f" {k}={v}" for k, v in values.items())
+    print(f"{PHASE} {name}{extra}", flush=True)
+
+
+# --------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss() -> int:
+    v = _status_kib("VmRSS")
+    if v is not None:
+        return v
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def hwm() -> int:
+    """Peak RSS since the process started or since the last reset."""
+    v = _status_kib("VmHWM")
+    if v is not None:
+        return v
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- checks
+def compare(got: np.ndarray | None, ref: np.ndarray) -> dict[str, Any]:
+    """Max abs error of the sampled rows against the reference, relative to max |J|."""
+    if got is None:
+        return {"max_abs_err": None, "scale": None, "rel_err": None, "exact": None}
+    got = np.asarray(got, dtype=np.float64)
+    if got.shape != ref.shape:
+        return {"max_abs_err": None, "scale": None, "rel_err": None, "exact": False,
+                "check_error": f"sampled rows have shape {got.shape}, reference {ref.shape}"}
+    err = float(np.max(np.abs(got - ref))) if got.size else 0.0
+    if not np.isfinite(got).all():
+        err = float("inf")
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    rel = err / scale if scale > 0 else err
+    return {"max_abs_err": err, "scale": scale, "rel_err": rel, "exact": bool(rel <= EXACT_RTOL)}
+
+
+def _classify(e: BaseException) -> str:
+    text = f"{type(e).__name__} {e}".lower()
+    if isinstance(e, MemoryError) or any(k in text for k in (
+            "resourceexhausted", "outofmemory", "out of memory", "can't allocate memory",
+            "cannot allocate memory")) or " oom " in f" {text} ":
+        return "oom"
+    if isinstance(e, Unavailable):
+        return "unavailable"
+    return "error"
+
+
+# --------------------------------------------------------------------------- modes
+def _load_keras(w: Workload, prep: Path) -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    model = w.build_model()
+    with np.load(prep / "weights.npz") as z:
+        model.set_weights([z[f"w{i}"] for i in range(len(z.files))])
+    return model
+
+
+def prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    """Prepare every workload in ``spec["workloads"]`` into the folder ``spec["preps"][k]``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    done: dict[str, Any] = {}
+    for wd, where in zip(spec["workloads"], spec["preps"], strict=True):
+        w = Workload.from_dict(wd)
+        prep = Path(where)
+        prep.mkdir(parents=True, exist_ok=True)
+        phase(f"prepare {w.key}")
+        t0 = time.perf_counter()
+        model = w.build_model()
+        weights = model.get_weights()
+        np.savez(prep / "weights.npz", **{f"w{i}": a for i, a in enumerate(weights)})
+        x = w.make_inputs()
+        np.save(prep / "inputs.npy", x)
+        pairs = w.sample_rows()
+        (prep / "pairs.json").write_text(json.dumps(pairs))
+        rows, outputs = reference(model, x, pairs)
+        np.save(prep / "reference.npy", rows)
+        np.save(prep / "outputs.npy", outputs)
+        done[w.key] = {"status": "ok", "wall_s": round(time.perf_counter() - t0, 3),
+                       "pairs": pairs, "n_weights": int(sum(a.size for a in weights))}
+        import keras
+
+        keras.backend.clear_session()
+    return {"status": "ok", "workloads": done}
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    w = Workload.from_dict(spec["workload"])
+    method = METHODS[spec["method"]]
+    prep, workdir = Path(spec["prep"]), Path(spec["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    x = np.load(prep / "inputs.npy")
+    pairs = [tuple(p) for p in json.loads((prep / "pairs.json").read_text())]
+    ref = np.load(prep / "reference.npy")
+    result: dict[str, Any] = {"status": "ok"}
+    try:
+        if method.framework == "torch":
+            import torch
+
+            if spec.get("options", {}).get("torch_threads"):
+                torch.set_num_threads(int(spec["options"]["torch_threads"]))
+            result["threads"] = torch.get_num_threads()
+            with np.load(prep / "weights.npz") as z:
+                model = torch_model(w, {k: z[k] for k in z.files})
+            with torch.no_grad():
+                y = model(torch.from_numpy(x)).numpy()
+            y_ref = np.load(prep / "outputs.npy")
+            result["forward_max_err"] = float(np.max(np.abs(y - y_ref)))
+            result["framework_version"] = f"torch {torch.__version__}"
+        else:
+            model = _load_keras(w, prep)
+            import tensorflow as tf
+
+            result["framework_version"] = f"tensorflow {tf.__version__}"
+    except BaseException as e:
+        return {"status": _classify(e), "error": f"{type(e).__name__}: {e}"[:2000]}
+    ctx = Context(workload=w, x=x, workdir=workdir, model=model,
+                  options=spec.get("options", {}))
+
+    result["rss_before"] = rss()
+    result["hwm_before"] = hwm()
+    result["hwm_reset"] = reset_hwm()
+    phase("method", rss_before=result["rss_before"])
+    t0 = time.perf_counter()
+    try:
+        out = method.fn(ctx)
+    except BaseException as e:
+        result["wall_s"] = time.perf_counter() - t0
+        phase("after")
+        result["hwm_after"] = hwm()
+        result.update(status=_classify(e), error=f"{type(e).__name__}: {e}"[:2000])
+        if result["status"] == "error":
+            result["traceback"] = traceback.format_exc()[-4000:]
+        return result
+    result["wall_s"] = time.perf_counter() - t0
+    result["hwm_after"] = hwm()
+    result["rss_after"] = rss()
+    phase("check")
+    try:
+        result.update(compare(out.sample(pairs), ref))
+        result["bytes_on_disk"] = out.bytes_on_disk()
+        result["meta"] = out.meta()
+    finally:
+        out.cleanup()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    phase("setup")
+    result = prepare(spec) if spec["mode"] == "prepare" else run(spec)
+    Path(spec["result"]).write_text(json.dumps(result, default=str))
+    phase("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

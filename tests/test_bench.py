@@ -1,0 +1,289 @@
+"""The benchmark runner: workloads, process watching, skips, targets, reports, and a
+tiny suite run end to end through real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.case import EXACT_RTOL, compare
+from benchmarks.report import check_exact, targets, write_report
+from benchmarks.runner import Case, Settings, _skip_reason, monitor
+from benchmarks.suites import SUITES
+from benchmarks.workloads import Workload
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+
+# --------------------------------------------------------------------------- workloads
+WORKLOADS = [
+    Workload("lstm-h4", "lstm", T=12, batch=2, H=4),
+    Workload("wide", "lstm", T=9, batch=3, H=4, F_in=3, F_out=2),
+    Workload("gru", "gru", T=7, batch=1, H=3),
+    Workload("conv", "conv", T=15, batch=2, H=4, kernel=2),
+]
+
+
+@pytest.mark.parametrize("w", WORKLOADS, ids=lambda w: w.key)
+def test_workload_inputs_and_samples_are_deterministic(w: Workload) -> None:
+    x = w.make_inputs()
+    assert x.shape == (w.batch, w.T, w.F_in) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, w.make_inputs())
+    pairs = w.sample_rows()
+    assert pairs == w.sample_rows()
+    assert (0, w.T - 1) in pairs and len(set(pairs)) == len(pairs)
+    assert all(0 <= i < w.batch and 0 <= t < w.T for i, t in pairs)
+    assert Workload.from_dict(w.to_dict()) == w
+    assert w.result_nbytes == w.batch * w.T * w.F_out * w.T * w.F_in * 4
+
+
+@pytest.mark.parametrize("bad", [{"arch": "rnn"}, {"T": 0}, {"H": -1}])
+def test_workload_rejects_bad_fields(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        Workload(**{"name": "x", "arch": "lstm", "T": 5, **bad})
+
+
+def test_build_model_is_deterministic_and_has_reference_shape() -> None:
+    w = WORKLOADS[1]
+    a, b = w.build_model(), w.build_model()
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    assert a.output_shape == (None, None, w.F_out)
+    assert [type(layer).__name__ for layer in a.layers] == ["InputLayer", "LSTM",
+                                                             "TimeDistributed"]
+
+
+@pytest.mark.parametrize("w", WORKLOADS, ids=lambda w: w.key)
+def test_reference_rows_match_batch_jacobian(w: Workload) -> None:
+    import tensorflow as tf
+
+    from benchmarks.workloads import reference
+
+    model, x = w.build_model(), w.make_inputs()
+    pairs = w.sample_rows()
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = model(xt)
+    J = tape.batch_jacobian(y, xt).numpy()
+    want = np.stack([J[i, t] for i, t in pairs])
+    got, outputs = reference(model, x, pairs)
+    assert compare(got, want)["exact"]
+    np.testing.assert_allclose(outputs, y.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- checks
+@pytest.mark.parametrize(("noise", "exact"), [(0.0, True), (0.1 * EXACT_RTOL, True),
+                                              (10 * EXACT_RTOL, False)])
+def test_compare_is_relative_to_the_largest_entry(noise: float, exact: bool) -> None:
+    ref = np.random.default_rng(0).normal(size=(3, 1, 8, 1)) * 5
+    got = ref + noise * np.abs(ref).max()
+    out = compare(got, ref)
+    assert out["exact"] is exact
+    assert out["rel_err"] == pytest.approx(noise, abs=1e-12)
+
+
+def test_compare_flags_nan_and_shape_mismatch() -> None:
+    ref = np.ones((2, 1, 4, 1))
+    assert compare(ref * np.nan, ref)["exact"] is False
+    assert compare(np.ones((2, 1, 3, 1)), ref)["exact"] is False
+    assert compare(None, ref)["exact"] is None
+
+
+# --------------------------------------------------------------------------- monitor
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_monitor_kills_past_the_memory_cap() -> None:
+    m = monitor(_py("""
+        import time
+        print("@@phase method", flush=True)
+        blocks = []
+        for _ in range(200):
+            blocks.append(bytearray(20 * 2**20))
+            time.sleep(0.02)
+        time.sleep(30)
+        """), mem_cap=150 * 2**20, timeout=60, poll=0.02)
+    assert m.status == "oom"
+    assert m.peak_rss > 150 * 2**20 and m.method_peak_rss > 150 * 2**20
+    assert m.wall_s < 30 and m.method_s is not None
+
+
+def test_monitor_kills_at_the_timeout_and_its_children_too(tmp_path: Path) -> None:
+    marker = tmp_path / "child.pid"
+    m = monitor(_py(f"""
+        import subprocess, sys, time
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(marker)!r}, "w").write(str(p.pid))
+        time.sleep(60)
+        """), mem_cap=8 * GiB, timeout=3, poll=0.05)
+    assert m.status == "timeout" and m.wall_s < 20
+    child = int(marker.read_text())
+    import psutil
+
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie"
+
+
+def test_monitor_records_phases_and_exit_code() -> None:
+    m = monitor(_py("""
+        print("@@phase setup"); print("hello")
+        print("@@phase method rss_before=1234", flush=True)
+        import sys; sys.exit(3)
+        """), mem_cap=8 * GiB, timeout=30)
+    assert (m.status, m.returncode, m.phases) == ("exited", 3, ["setup", "method"])
+    assert m.values == {"rss_before": 1234}
+    assert "hello" in m.log_tail
+
+
+# --------------------------------------------------------------------------- skips
+def _row(method: str, T: int, status: str = "ok", time_s: float = 1.0,
+         peak: float = GiB, inc: float | None = None, family: str = "lstm-h32",
+         framework: str | None = None, **kw: object) -> dict:
+    fw = framework or ("jacstream" if method.startswith("jacstream") else
+                       "torch" if method.startswith("torch") else "tf")
+    return {"id": f"{family}-T{T}/{method}", "family": family, "T": T, "method": method,
+            "framework": fw, "status": status, "time_s": time_s, "peak_rss": peak,
+            "peak_rss_increase": inc, "exact": True if status == "ok" else None,
+            "keeps_result": True, "result_nbytes": 4 * T * T, **kw}
+
+
+SKIPS = [
+    # (method, history rows, T asked, expected reason prefix or None)
+    ("tf-eager", [_row("tf-eager", 300, "oom")], 1000, "skipped: oom at T=300"),
+    ("tf-eager", [_row("tf-eager", 300, "timeout")], 1000, "skipped: timeout at T=300"),
+    ("tf-eager", [_row("tf-eager", 300, time_s=100)], 600, None),
+    ("tf-eager", [_row("tf-eager", 300, time_s=100)], 3000, "skipped: projected"),
+    ("tf-eager", [_row("tf-eager", 300, inc=4 * GiB)], 1000, "skipped: projected"),
+    ("jacstream", [_row("jacstream", 1000, time_s=500)], 10000, None),
+    ("jacstream", [_row("jacstream", 1000, "oom")], 10000, "skipped: oom at T=1000"),
+]
+
+
+@pytest.mark.parametrize(("method", "history", "T", "want"), SKIPS)
+def test_skip_rules(method: str, history: list, T: int, want: str | None,
+                    tmp_path: Path) -> None:
+    case = Case(Workload("lstm-h32", "lstm", T=T), method)
+    settings = Settings(output=tmp_path, mem_cap=16 * GiB, timeout=600)
+    got = _skip_reason(case, {("lstm-h32", method): history}, settings, 600)
+    assert (got is None) if want is None else got.startswith(want), got
+
+
+# --------------------------------------------------------------------------- targets
+def _results(rows: list[dict]) -> dict:
+    return {"suite": "test", "settings": {"mem_cap": 16 * GiB, "timeout": 600.0,
+                                          "exact_rtol": EXACT_RTOL},
+            "machine": {"versions": {}}, "torch": {}, "methods": {},
+            "workloads": {"lstm-h32-T300": {"name": "lstm-h32", "describe": "reference"}},
+            "cases": rows}
+
+
+GOOD = [_row("jacstream", 300, time_s=2, peak=0.8 * GiB),
+        _row("tf-eager", 300, time_s=50, peak=4 * GiB),
+        _row("tf-function", 300, time_s=7, peak=3 * GiB),
+        _row("jacstream", 1000, time_s=10), _row("torch-jacobian-vec", 1000, time_s=27),
+        _row("jacstream", 3000, time_s=80), _row("torch-jacobian-vec", 3000, "timeout"),
+        _row("jacstream", 10000, time_s=900),
+        _row("tf-eager", 10000, "skipped", error="skipped: oom at T=1000"),
+        _row("tf-function", 10000, "skipped", error="skipped: oom at T=1000")]
+
+TARGET_TABLE = [
+    ("all met", GOOD, [True, True, True, True, True, True]),
+    ("eager only 10x slower", [_row("tf-eager", 300, time_s=20, peak=4 * GiB) if
+                               r["method"] == "tf-eager" and r["T"] == 300 else r for r in GOOD],
+     [False, True, True, True, True, True]),
+    ("eager OOM at T=300: memory bound met, time undetermined",
+     [_row("tf-eager", 300, "oom", time_s=30, peak=16.1 * GiB) if
+      r["method"] == "tf-eager" and r["T"] == 300 else r for r in GOOD],
+     [None, True, True, True, True, True]),
+    ("torch faster at T=1000", [_row("torch-jacobian-vec", 1000, time_s=5) if
+                                r["method"].startswith("torch") and r["T"] == 1000 else r
+                                for r in GOOD], [True, True, True, False, True, True]),
+    ("jacstream wrong at T=10000", [_row("jacstream", 10000, "timeout") if
+                                    r["method"] == "jacstream" and r["T"] == 10000 else r
+                                    for r in GOOD], [True, True, True, True, True, False]),
+    ("no jacstream case at T=10000", [r for r in GOOD if r["T"] != 10000 or
+                                      r["method"] != "jacstream"],
+     [True, True, True, True, True, None]),
+    ("torch unavailable", [r for r in GOOD if not r["method"].startswith("torch")],
+     [True, True, True, None, None, True]),
+]
+
+
+@pytest.mark.parametrize(("label", "rows", "want"), TARGET_TABLE, ids=[t[0] for t in TARGET_TABLE])
+def test_targets_are_computed_from_the_run(label: str, rows: list, want: list) -> None:
+    got = targets(_results(rows))
+    assert [t["met"] for t in got] == want, [(t["target"], t["measured"]) for t in got]
+
+
+def test_readme_section_is_replaced_in_place(tmp_path: Path) -> None:
+    from benchmarks.report import README_END, README_START, update_readme
+
+    out = tmp_path / "out"
+    write_report(_results(GOOD), out)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{README_START}\nstale text\n{README_END}\n\n## After\n")
+    for _ in range(2):
+        update_readme(_results(GOOD), out, readme)
+    text = readme.read_text()
+    assert text.startswith("# Title") and text.rstrip().endswith("## After")
+    assert "stale text" not in text and text.count(README_START) == 1 and "## Targets" in text
+    assert (tmp_path / "results" / "test-lstm-h32.png").exists()
+    assert "](results/test-lstm-h32.png)" in text
+
+
+def test_report_renders_failures_targets_and_plots(tmp_path: Path) -> None:
+    rows = GOOD + [_row("tf-eager", 1000, "oom", time_s=80, peak=16.2 * GiB),
+                   _row("tf-eager-nopfor", 300, "error", error="boom")]
+    paths = write_report(_results(rows), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Targets" in md and "**met**" in md
+    assert "**OOM** after 80 s" in md and "## Errors" in md
+    assert (tmp_path / "lstm-h32.png").stat().st_size > 10_000
+    assert paths[0] == tmp_path / "report.md"
+    assert check_exact(_results(rows)) != []
+
+
+def test_suites_list_their_cases_in_increasing_T() -> None:
+    for name, make in SUITES.items():
+        cases = make()
+        assert cases, name
+        seen: dict = {}
+        for c in cases:
+            key = (c.workload.name, c.method)
+            assert c.workload.T > seen.get(key, 0), (name, c.id)
+            seen[key] = c.workload.T
+    assert not any(c.method.startswith("torch") for c in SUITES["quick"]())
+
+
+# --------------------------------------------------------------------------- end to end
+def test_smoke_suite_runs_end_to_end(tmp_path: Path) -> None:
+    """A tiny LSTM, jacstream at two lengths and eager at one, through real subprocesses."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--suite", "smoke", "--output",
+                           str(out), "--timeout", "240", "--mem-cap", "8GiB"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["machine"]["versions"]["tensorflow"]
+    cases = results["cases"]
+    assert {c["method"] for c in cases} == {"jacstream", "tf-eager"} and len(cases) == 3
+    for c in cases:
+        assert c["status"] == "ok" and c["exact"] is True, c
+        assert c["rel_err"] <= EXACT_RTOL and c["time_s"] > 0
+        assert c["peak_rss"] >= c["rss_before"] > 0 and c["peak_rss_increase"] >= 0
+        assert ((c["bytes_on_disk"] or 0) > 0) == (c["method"] == "jacstream")
+    md = (out / "report.md").read_text()
+    assert md.count("exact (") == 3 and "WRONG" not in md
+    assert (out / "lstm-h4.png").stat().st_size > 10_000
+    assert list((out / "logs").glob("*.log"))

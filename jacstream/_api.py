@@ -17,8 +17,7 @@ from ._plan import CostModel, Plan, make_plan, normalize_out_steps, parse_memory
 from ._result import Jacobian
 from ._store import JobStore
 from ._version import __version__
-from .errors import (InputError, ModelError, NotAStoreError, ReadOnlyStoreError,
-                     StoreMismatchError)
+from .errors import InputError, ModelError, NotAStoreError, ReadOnlyStoreError, StoreMismatchError
 
 __all__ = ["jacobian", "plan"]
 
@@ -245,6 +244,8 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
             f"the model returned outputs of dtype {y_short.dtype}; only floating-point outputs "
             "can be differentiated. Return the float values before any cast, argmax or round.")
     f_out = int(y_short.shape[2])
+    if short.shape[1] == t_in:  # the eager output has the full length: fail before tracing
+        normalize_out_steps(out_steps, int(y_short.shape[1]))
     _tf.check_batch_independence(prepared.call, short, dev)
     _tf.check_differentiable(prepared.call, short, dev)
     stored_strategy = existing.plan.strategy if existing is not None and not overwrite else None

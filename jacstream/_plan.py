@@ -101,7 +101,7 @@ def normalize_out_steps(out_steps: Any, t_out: int) -> tuple[int, ...]:
                              "output steps are in increasing order.")
         steps = list(range(t_out))[out_steps]
     elif isinstance(out_steps, (bool, float)) or (
-            hasattr(out_steps, "dtype") and getattr(out_steps, "dtype").kind not in "iu"):
+            hasattr(out_steps, "dtype") and out_steps.dtype.kind not in "iu"):
         raise InputError(f"out_steps must be None, an int, a slice or a sequence of ints; "
                          f"got {out_steps!r}.")
     elif isinstance(out_steps, int) or (hasattr(out_steps, "ndim") and out_steps.ndim == 0):
@@ -113,7 +113,7 @@ def normalize_out_steps(out_steps: Any, t_out: int) -> tuple[int, ...]:
                     hasattr(s, "dtype") and s.dtype.kind in "iu"):
                 raise InputError(f"out_steps must hold ints; got {s!r} in {_short(raw)}.")
         steps = [_check_step(int(s), t_out) for s in raw]
-        for a, b in zip(steps, steps[1:]):
+        for a, b in zip(steps[:-1], steps[1:], strict=True):
             if b <= a:
                 what = "duplicated" if a == b else "not increasing"
                 raise InputError(

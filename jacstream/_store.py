@@ -29,8 +29,13 @@ import zarr
 
 from ._plan import LAYOUT, Block, Plan
 from ._version import __version__
-from .errors import (NotAStoreError, ReadOnlyStoreError, StoreError, StoreMismatchError,
-                     StoreWriteError)
+from .errors import (
+    NotAStoreError,
+    ReadOnlyStoreError,
+    StoreError,
+    StoreMismatchError,
+    StoreWriteError,
+)
 
 __all__ = ["ARRAY_NAME", "JobStore", "describe_differences"]
 

@@ -408,7 +408,7 @@ def check_differentiable(call: Callable[[Any], Any], x: np.ndarray, device: str)
     del tape
     y0 = np.asarray(y)
     no_path = g_total is None
-    flat_out = [int(f) for g, gr in zip(groups, grads)
+    flat_out = [int(f) for g, gr in zip(groups, grads, strict=True)
                 if gr is None or not np.any(np.asarray(gr)) for f in g]
     flat_in = (list(range(x.shape[2])) if no_path else
                [j for j in range(x.shape[2]) if not np.any(np.asarray(g_total)[..., j])])

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
@@ -98,7 +98,7 @@ class JobStore:
         return p.exists() and (p / "zarr.json").exists()
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: str = "r") -> JobStore:
+    def open(cls, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> JobStore:
         p = Path(path)
         if not p.exists():
             raise NotAStoreError(f"no jacstream store at {str(p)!r}: the path does not exist. "
@@ -212,7 +212,7 @@ class JobStore:
     # -- metadata ---------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
-        return dict(self.group.attrs["jacstream"])
+        return dict(cast(dict[str, Any], self.group.attrs["jacstream"]))
 
     def update_meta(self, **changes: Any) -> None:
         meta = self.meta

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 
+from ._inputs import _is_float
 from ._inputs import as_inputs as _as_inputs
 from ._memory import PeakTracker, current_rss
 from ._plan import CostModel, Plan, make_plan, normalize_out_steps, parse_memory
 from ._result import Jacobian
 from ._store import JobStore
 from ._version import __version__
-from .errors import InputError, ModelError, StoreMismatchError
+from .errors import InputError, ModelError, NotAStoreError, ReadOnlyStoreError, StoreMismatchError
 
 __all__ = ["jacobian", "plan"]
 
@@ -98,10 +99,24 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         ``tf.data.Dataset`` yielding ``x`` or ``(x, y)`` batches (spooled to
         disk beside the store, in order, so it need not fit in memory).
     store : str or path
-        Directory of the zarr store (created if missing).
+        Directory of the zarr store: a new path or an empty directory (the store
+        is created), or a store this function wrote (resumed, or replaced with
+        ``overwrite=True``). Any other file or directory is refused and left as
+        it is.
     out_steps : None, int, slice or sequence of int, optional
-        Output steps to differentiate: all (``None``), one (``10``), a slice, or
-        a strictly increasing list. Negative steps count from the end.
+        Output steps to differentiate, with these rules:
+
+        * ``None``: every step ``0..T_out-1``;
+        * an int: that one step; negative counts from the end (``-1`` is the last);
+        * a slice: taken as on a NumPy array (``slice(0, None, 10)``); its step
+          must be positive;
+        * a sequence (list, tuple, range, integer array) of ints: each in
+          ``-T_out..T_out-1``, negative from the end, strictly increasing once
+          made non-negative (sorted, no duplicates: pass ``sorted(set(s))``).
+
+        Out of range, empty, unsorted, duplicated or non-integer steps raise
+        :class:`~jacstream.errors.InputError`. Axis 1 of the result follows
+        this order (``result.out_steps``).
     block_size : int, optional
         Output steps per block. By default chosen from ``memory_budget`` and a
         measurement of the model's memory per step.
@@ -156,6 +171,31 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         the reduced result instead (an xarray object, as the analysis function
         returns it).
 
+    Raises
+    ------
+    jacstream.errors.InputError
+        An argument is malformed: inputs not a float ``(batch, steps, features)``
+        array with no empty axis, out_steps breaking the rules above, a
+        ``block_size`` that is not a positive int, an unknown option value.
+    jacstream.errors.BudgetError
+        ``memory_budget`` is unparseable, not positive, or too small for one step.
+    jacstream.errors.ModelError
+        The model fails on the inputs, returns other than float ``(batch, steps,
+        features)``, mixes examples across the batch, is random, or is not
+        differentiable (integer cast, stop_gradient, argmax...) where its outputs
+        depend on its inputs.
+    jacstream.errors.NonFiniteError
+        A block holds NaN/Inf (with ``on_nonfinite="raise"``).
+    jacstream.errors.StoreError
+        The store path is another kind of file or directory, cannot be created or
+        written, or holds another job. An existing store is never changed by a
+        call that fails before computing.
+    jacstream.errors.DeviceError
+        ``device`` does not exist.
+
+    All are :class:`jacstream.JacstreamError` and also the matching builtin
+    (``ValueError``, ``OSError``...).
+
     Examples
     --------
     >>> import jacstream, keras, numpy as np, tempfile, os
@@ -194,11 +234,12 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
 
         reduction = as_reduction(reduce)
     path = Path(store) if store is not None or reduction is None else None
-    existing = (JobStore.open(path, mode="r+")
-                if reduction is None and JobStore.exists(path) else None)
-    if reduction is None and existing is None and path.exists() and not overwrite and (
-            path.is_file() or any(path.iterdir())):
-        JobStore.open(path)  # raises NotAStoreError with a clear message
+    existing = None
+    if reduction is None:
+        assert path is not None
+        existing = _existing_store(path)
+        if existing is None or overwrite:
+            JobStore.check_creatable(path)
 
     from . import _tf  # TensorFlow is imported only from here on
 
@@ -213,15 +254,29 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         y_short = _tf.forward(prepared.call, short, dev)
     except Exception:
         short = sample
-        prepared = _tf.prepare_model(model, short, dev)
-        y_short = _tf.forward(prepared.call, short, dev)
+        try:
+            prepared = _tf.prepare_model(model, short, dev)
+            y_short = _tf.forward(prepared.call, short, dev)
+        except Exception as e:
+            raise ModelError(
+                f"calling the model on inputs of shape {short.shape} (float32) failed with "
+                f"{type(e).__name__}: {_first_line(e)}. Check that the inputs have the length "
+                "and number of features the model was built for.") from e
     if y_short.ndim != 3 or y_short.shape[0] != short.shape[0]:
         raise ModelError(
             f"the model must map inputs (batch, steps, features) to outputs (batch, steps, "
-            f"features); for inputs of shape {short.shape} it returned shape {y_short.shape}. "
-            "Return sequences (e.g. LSTM(return_sequences=True)) and keep the batch axis first.")
+            f"features) with the same batch size; for inputs of shape {short.shape} it returned "
+            f"shape {y_short.shape}. Return sequences (e.g. LSTM(return_sequences=True)), keep "
+            "the batch axis first and one output per input example.")
+    if not _is_float(y_short.dtype):
+        raise ModelError(
+            f"the model returned outputs of dtype {y_short.dtype}; only floating-point outputs "
+            "can be differentiated. Return the float values before any cast, argmax or round.")
     f_out = int(y_short.shape[2])
+    if short.shape[1] == t_in:  # the eager output has the full length: fail before tracing
+        normalize_out_steps(out_steps, int(y_short.shape[1]))
     _tf.check_batch_independence(prepared.call, short, dev)
+    _tf.check_differentiable(prepared.call, short, dev)
     stored_strategy = existing.plan.strategy if existing is not None and not overwrite else None
     chosen = stored_strategy or ("pfor" if strategy == "auto" else strategy)
     fn = _tf.BlockFunction(prepared.call, chosen, f_in, f_out, dev)
@@ -281,6 +336,14 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
                                               "model_rewrites": prepared.rewritten,
                                               "device": dev}, overwrite=overwrite)
 
+    if js is existing and not JobStore.writable(path):
+        missing = the_plan.n_blocks - len(js.done_blocks())
+        if missing == 0:
+            return Jacobian(js)  # nothing to write: read it where it is
+        raise ReadOnlyStoreError(
+            f"the store {str(path)!r} is read-only (permissions or a read-only file system) "
+            f"and {missing} of its {the_plan.n_blocks} blocks are still to be computed. Make it "
+            "writable, or copy it to a writable place and call again with the copy's path.")
     fn.static_block = the_plan.block_size
     with PeakTracker() as tracker:
         if client is None:
@@ -316,6 +379,34 @@ def _dask_budget(client: Any) -> int | None:
     from ._dask import default_worker_budget
 
     return default_worker_budget(client)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _existing_store(path: Path) -> JobStore | None:
+    """The jacstream store at ``path``; None for a new path or an empty directory.
+
+    Anything else there is refused, whatever ``overwrite`` says: jacstream only
+    ever replaces a store it wrote itself.
+    """
+    if JobStore.exists(path):
+        return JobStore.open(path, mode="r+")  # NotAStoreError for a foreign zarr store
+    if path.is_file():
+        raise NotAStoreError(
+            f"store={str(path)!r} is a file, not a jacstream store. Pass the path of a new "
+            "directory (it is created) or of a store written by jacstream.jacobian().")
+    if path.is_dir() and any(path.iterdir()):
+        names = sorted(p.name for p in path.iterdir())
+        shown = ", ".join(map(repr, names[:4])) + (", ..." if len(names) > 4 else "")
+        raise NotAStoreError(
+            f"store={str(path)!r} is a directory that is not a jacstream store (it holds "
+            f"{shown}). jacstream writes only into a new or empty directory or a store of its "
+            "own, and never replaces anything else, even with overwrite=True. Choose a new "
+            "path.")
+    return None
 
 
 def _scale_fixed(cost: CostModel, overhead: int) -> CostModel:

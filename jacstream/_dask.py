@@ -488,7 +488,7 @@ def _run_block(index: int, slab: np.ndarray | None, *, spec: dict[str, Any],
         _check_shapes(run.plan, block, data, yshape, fed, spec["t_out"])
         if spec["on_nonfinite"] != "ignore" and not np.isfinite(data).all():
             try:
-                _report_nonfinite(run.plan, block, data, "raise", RunStats())
+                _report_nonfinite(run.plan, block, data, "raise", RunStats(), x)
             except NonFiniteError as e:
                 if spec["on_nonfinite"] == "raise":
                     raise

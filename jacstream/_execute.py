@@ -121,7 +121,7 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
             stats.compute_seconds += time.perf_counter() - t0
             _check_shapes(plan, block, data, yshape, fed, t_out)
             if on_nonfinite != "ignore" and not np.isfinite(data).all():
-                _report_nonfinite(plan, block, data, on_nonfinite, stats)
+                _report_nonfinite(plan, block, data, on_nonfinite, stats, x)
             stats.computed_blocks.append(block.index)
             writer.put((block, data))
             del data
@@ -165,16 +165,22 @@ def _check_shapes(plan: Plan, block: Block, data: np.ndarray, yshape: tuple[int,
 
 
 def _report_nonfinite(plan: Plan, block: Block, data: np.ndarray, mode: str,
-                      stats: RunStats) -> None:
+                      stats: RunStats, x: np.ndarray) -> None:
     bad = ~np.isfinite(data)
     ex, pos = np.nonzero(bad.any(axis=(2, 3, 4)))
     steps = sorted({plan.out_steps[block.positions[0] + int(p)] for p in pos})
     exs = sorted({block.examples[0] + int(i) for i in ex})
+    bad_x = sorted({block.examples[0] + int(i)
+                    for i in np.nonzero(~np.isfinite(x).all(axis=(1, 2)))[0]})
+    cause = (f"The inputs of examples {bad_x[:10]}{'...' if len(bad_x) > 10 else ''} hold "
+             "NaN/Inf themselves: clean or mask them." if bad_x else
+             "The model's outputs or gradients overflow or are undefined for these inputs "
+             "(e.g. sqrt or log at 0, large exponents): check their scale.")
     msg = (f"block {block.index} holds {int(bad.sum())} NaN/Inf values: examples {exs[:10]}"
            f"{'...' if len(exs) > 10 else ''}, output steps {steps[:10]}"
-           f"{'...' if len(steps) > 10 else ''}. The model's outputs or gradients overflow for "
-           "these inputs (check the inputs for NaN/Inf and their scale). Pass "
-           "on_nonfinite='warn' to store them and continue.")
+           f"{'...' if len(steps) > 10 else ''}. {cause} Blocks finished before it are safely "
+           "stored. To store NaN/Inf and go on, call again with on_nonfinite='warn' (it "
+           "resumes) or 'ignore'.")
     if mode == "raise":
         raise NonFiniteError(msg)
     stats.nonfinite_blocks.append(block.index)

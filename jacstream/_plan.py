@@ -113,7 +113,7 @@ def normalize_out_steps(out_steps: Any, t_out: int) -> tuple[int, ...]:
                     hasattr(s, "dtype") and s.dtype.kind in "iu"):
                 raise InputError(f"out_steps must hold ints; got {s!r} in {_short(raw)}.")
         steps = [_check_step(int(s), t_out) for s in raw]
-        for a, b in zip(steps, steps[1:], strict=False):
+        for a, b in zip(steps[:-1], steps[1:], strict=True):
             if b <= a:
                 what = "duplicated" if a == b else "not increasing"
                 raise InputError(
@@ -360,7 +360,8 @@ def make_plan(input_shape: Sequence[int], output_shape: Sequence[int], *,
         if target is not None and peak(k, e) > target:
             fit = _largest(lambda kk: peak(kk, e) <= target, n)
             hint = (f"use block_size <= {fit}" if fit else
-                    "lower examples_per_block, or raise the budget")
+                    f"raise memory_budget to at least {format_bytes(peak(1, 1) / BUDGET_HEADROOM)}"
+                    if e == 1 else "lower examples_per_block, or raise memory_budget")
             raise BudgetError(
                 f"block_size={block_size} needs about {format_bytes(peak(k, e))} of working memory "
                 f"for {e} examples x {t_in} input steps, over memory_budget="
@@ -378,7 +379,8 @@ def make_plan(input_shape: Sequence[int], output_shape: Sequence[int], *,
                 raise BudgetError(
                     f"memory_budget={format_bytes(budget)} is too small for even one output step "
                     f"of one example at {t_in} input steps (needs about "
-                    f"{format_bytes(peak(1, 1))}). Raise memory_budget.")
+                    f"{format_bytes(peak(1, 1))}). Raise memory_budget to at least "
+                    f"{format_bytes(peak(1, 1) / BUDGET_HEADROOM)}.")
     if in_chunk is None:
         in_chunk = k
         chunk_bytes = e * k * f_out * f_in * itemsize

@@ -22,14 +22,20 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
 
 from ._plan import LAYOUT, Block, Plan
 from ._version import __version__
-from .errors import NotAStoreError, StoreError, StoreMismatchError, StoreWriteError
+from .errors import (
+    NotAStoreError,
+    ReadOnlyStoreError,
+    StoreError,
+    StoreMismatchError,
+    StoreWriteError,
+)
 
 __all__ = ["ARRAY_NAME", "JobStore", "describe_differences"]
 
@@ -60,6 +66,11 @@ def _brief(v: Any) -> str:
     return repr(v)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
 def _fsync_path(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -87,8 +98,7 @@ class JobStore:
         return p.exists() and (p / "zarr.json").exists()
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str],
-             mode: Literal["r", "r+", "a", "w", "w-"] = "r") -> JobStore:
+    def open(cls, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> JobStore:
         p = Path(path)
         if not p.exists():
             raise NotAStoreError(f"no jacstream store at {str(p)!r}: the path does not exist. "
@@ -99,34 +109,66 @@ class JobStore:
             array = group[ARRAY_NAME]
         except Exception as e:
             raise NotAStoreError(
-                f"{str(p)!r} is not a jacstream store ({type(e).__name__}: {e}). Pass the path "
-                "of a store written by jacstream.jacobian(), or a new path.") from None
+                f"{str(p)!r} is not a jacstream store ({type(e).__name__}: {_first_line(e)}). "
+                "Pass the path of a store written by jacstream.jacobian(), or a new path; "
+                "jacstream never replaces a directory it did not write.") from None
         if not isinstance(meta, dict) or not isinstance(array, zarr.Array):
             raise NotAStoreError(f"{str(p)!r} is a zarr store but not a jacstream store (no "
-                                 "'jacstream' metadata). Use another path, or overwrite=True.")
+                                 "'jacstream' metadata). Pass the path of a store written by "
+                                 "jacstream.jacobian(), or a new path; jacstream never "
+                                 "replaces a store it did not write.")
         return cls(p, group, array)
+
+    @staticmethod
+    def writable(path: str | os.PathLike[str]) -> bool:
+        """Whether the store's directories and metadata can be written (os.access)."""
+        p = Path(path)
+        parts = [p, p / "zarr.json", p / ARRAY_NAME, p / ARRAY_NAME / "c", p / DONE_DIR]
+        return all(os.access(q, os.W_OK) for q in parts if q.exists())
+
+    @staticmethod
+    def check_creatable(path: str | os.PathLike[str]) -> None:
+        """Raise unless a store can be made at ``path``: by trying, in its nearest existing parent.
+
+        ``os.access`` alone says yes to root on a directory it cannot write (a
+        read-only mount, /proc); a directory made and removed at once does not lie.
+        """
+        p = Path(path).absolute()
+        anc = p.parent
+        while not anc.exists() and anc != anc.parent:
+            anc = anc.parent
+        if not anc.is_dir():
+            raise StoreError(f"cannot create the store {str(path)!r}: {str(anc)!r} is a file, "
+                             "not a directory. Choose a path inside a directory.")
+        probe = anc / f".{p.name}.probe-{os.getpid()}"
+        try:
+            if not os.access(anc, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "permission denied")
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as e:
+            raise ReadOnlyStoreError(
+                f"cannot create the store {str(path)!r}: the directory {str(anc)!r} is not "
+                f"writable ({e.strerror or e}). Choose a path on a writable disk, e.g. in your "
+                "home or scratch directory.") from None
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], plan: Plan, job: dict[str, Any],
                overwrite: bool = False) -> JobStore:
         p = Path(path)
-        if p.exists():
+        empty_dir = p.is_dir() and not any(p.iterdir())
+        if p.exists() and not empty_dir:
             if not overwrite:
                 raise StoreMismatchError(f"{str(p)!r} already exists. Pass overwrite=True to "
                                          "replace it, or choose another path.")
-            if p.is_dir():
-                if any(p.iterdir()) and not (p / "zarr.json").exists():
-                    raise StoreError(
-                        f"refusing to overwrite {str(p)!r}: it is a non-empty directory that is "
-                        "not a zarr store. Remove it yourself or choose another path.")
-                shutil.rmtree(p)
-            else:
+            if not p.is_dir():
                 raise StoreError(f"{str(p)!r} is a file, not a store directory. Choose another "
                                  "path.")
-        parent = p.parent if str(p.parent) else Path(".")
-        if parent.exists() and not os.access(parent, os.W_OK):
-            raise StoreError(f"cannot create the store {str(p)!r}: the directory "
-                             f"{str(parent)!r} is not writable. Choose a writable path.")
+            if not (p / "zarr.json").exists():
+                raise StoreError(
+                    f"refusing to overwrite {str(p)!r}: it is a non-empty directory that is "
+                    "not a zarr store. Remove it yourself or choose another path.")
+        cls.check_creatable(p)
         meta = {
             "format": FORMAT,
             "version": __version__,
@@ -140,8 +182,10 @@ class JobStore:
             "runs": [],
         }
         # Built under a temporary name and renamed into place, so a run killed while
-        # creating the store leaves no half-made store behind.
+        # creating the store leaves no half-made store behind; a store being replaced
+        # is moved aside first and deleted only once the new one is in place.
         tmp = p.with_name(f".{p.name}.creating-{os.getpid()}")
+        old = p.with_name(f".{p.name}.replaced-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
@@ -152,18 +196,23 @@ class JobStore:
                 config={"write_empty_chunks": False})
             group.attrs["jacstream"] = meta
             (tmp / DONE_DIR).mkdir()
+            if p.exists() and not empty_dir:
+                os.replace(p, old)
             os.replace(tmp, p)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreWriteError(f"cannot create the store {str(p)!r}: {e}") from e
+            if old.exists() and not p.exists():
+                os.replace(old, p)  # put the replaced store back
+            raise StoreWriteError(f"cannot create the store {str(p)!r}: {e.strerror or e} "
+                                  f"({e.filename}). Choose a path on a writable disk with free "
+                                  "space.") from e
+        shutil.rmtree(old, ignore_errors=True)
         return cls.open(p, mode="r+")
 
     # -- metadata ---------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
-        meta = self.group.attrs["jacstream"]
-        assert isinstance(meta, dict)
-        return dict(meta)
+        return dict(cast(dict[str, Any], self.group.attrs["jacstream"]))
 
     def update_meta(self, **changes: Any) -> None:
         meta = self.meta

@@ -326,23 +326,136 @@ def forward(call: Callable[[Any], Any], x: np.ndarray, device: str) -> np.ndarra
     return np.asarray(y)
 
 
+def _differs(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest difference between two outputs, NaN/Inf in the same places counting as equal."""
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    if same.all():
+        return 0.0
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))[~same]
+    return float(np.max(np.where(np.isfinite(d), d, np.inf)))
+
+
 def check_batch_independence(call: Callable[[Any], Any], x: np.ndarray, device: str) -> None:
-    """Raise ModelError if changing example 0 changes the outputs of another example."""
-    if x.shape[0] < 2:
-        return
-    x2 = np.array(x[:2], copy=True)
-    y_a = forward(call, x2, device)
+    """Raise ModelError if changing one example changes the outputs of another.
+
+    Both directions are tried on two examples (a copy of the only one when the
+    batch has one: a tiled block repeats examples, so mixing matters even then).
+    A model that is merely random (Dropout with training=True) is named as such.
+    """
+    x2 = np.concatenate([x[:1], x[1:2] if x.shape[0] > 1 else x[:1]]).copy()
+    try:
+        y_a = forward(call, x2, device)
+    except Exception:
+        if x.shape[0] > 1:
+            raise
+        return  # a model that only accepts batches of one cannot mix examples
+    if y_a.ndim == 0 or y_a.shape[0] != 2:
+        return  # the caller reports the shape
     rng = np.random.default_rng(0)
-    x2[0] = x2[0] + rng.standard_normal(x2[0].shape).astype(x2.dtype) * (np.std(x2) + 1.0)
-    y_b = forward(call, x2, device)
-    if not np.array_equal(y_a[1], y_b[1]):
-        diff = float(np.max(np.abs(y_a[1] - y_b[1])))
+    scale = float(np.std(x2[np.isfinite(x2)])) if np.isfinite(x2).any() else 1.0
+    for changed, watched in ((0, 1), (1, 0)):
+        xb = x2.copy()
+        xb[changed] += rng.standard_normal(xb[changed].shape).astype(xb.dtype) * (scale + 1.0)
+        diff = _differs(y_a[watched], forward(call, xb, device)[watched])
+        if diff == 0.0:
+            continue
+        again = _differs(y_a, forward(call, x2, device))
+        if again:
+            raise ModelError(
+                "the model is not deterministic: two calls on the same inputs gave outputs that "
+                f"differ by up to {again:.3g}, so its Jacobian is not well defined. Common "
+                "causes: Dropout or GaussianNoise called with training=True, or random ops "
+                "(tf.random.*) in the model. Call such layers with training=False.")
         raise ModelError(
-            "the model mixes examples across the batch: changing example 0 changed the outputs "
-            f"of example 1 (by up to {diff:.3g}). A per-example Jacobian (batch_jacobian) of "
-            "such a model is not what it seems. Common causes: BatchNormalization called with "
-            "training=True, or an op that reduces over the batch axis. Call the layer with "
-            "training=False, or wrap the model so each example is processed on its own.")
+            f"the model mixes examples across the batch: changing example {changed} changed "
+            f"the outputs of example {watched} (by up to {diff:.3g}). A per-example Jacobian "
+            "(batch_jacobian) of such a model is not what it seems. Common causes: "
+            "BatchNormalization called with training=True, or an op that reduces over the batch "
+            "axis. Call the layer with training=False, or wrap the model so each example is "
+            "processed on its own.")
+
+
+_MAX_GRADIENT_GROUPS = 16  # backward passes spent on the check below, at most
+
+
+def check_differentiable(call: Callable[[Any], Any], x: np.ndarray, device: str) -> None:
+    """Raise ModelError where the outputs change with the inputs but TF gives no gradient.
+
+    TensorFlow returns ``None`` or exact zeros through an integer cast,
+    ``tf.stop_gradient``, argmax, round or sign: the Jacobian would be silently
+    zero. Output features whose gradient is zero on ``x`` are perturbed
+    (slightly, and by the inputs' own scale when there is no gradient path at
+    all or the feature varies); input features with a zero gradient slightly.
+    A change where the gradient says none is possible means a non-differentiable
+    path. A stop_gradient beside a differentiable path to the same output cannot
+    be seen this way.
+    """
+    rng = np.random.default_rng(1)
+    xt = tf.constant(x)
+    with tf.device(device), tf.GradientTape(persistent=True) as tape:
+        tape.watch(xt)
+        y = tf.convert_to_tensor(call(xt, training=False) if isinstance(call, keras.Model)
+                                 else call(xt))
+        f_out = int(y.shape[-1])
+        groups = np.array_split(np.arange(f_out), min(f_out, _MAX_GRADIENT_GROUPS))
+        w = tf.constant(rng.uniform(0.5, 1.5, size=tuple(y.shape)).astype(y.dtype.as_numpy_dtype))
+        yw = y * w
+        sums = ([tf.reduce_sum(tf.gather(yw, g, axis=2)) for g in groups]
+                if len(groups) > 1 else [])
+        total = tf.reduce_sum(yw)
+    with tf.device(device):
+        g_total = tape.gradient(total, xt)
+        grads = [tape.gradient(s, xt) for s in sums] if sums else [g_total]
+    del tape
+    y0 = np.asarray(y)
+    no_path = g_total is None
+    flat_out = [int(f) for g, gr in zip(groups, grads, strict=True)
+                if gr is None or not np.any(np.asarray(gr)) for f in g]
+    flat_in = (list(range(x.shape[2])) if no_path else
+               [j for j in range(x.shape[2]) if not np.any(np.asarray(g_total)[..., j])])
+    if not flat_out and not flat_in:
+        return
+    finite = np.isfinite(x)
+    s = float(np.std(x[finite])) if finite.any() else 1.0
+    s = s if s > 0 else 1.0
+    noise = rng.standard_normal(x.shape).astype(x.dtype)
+    small = forward(call, x + 1e-2 * s * noise, device)
+    big = forward(call, x + s * noise, device)
+    if _differs(forward(call, x, device), y0):
+        return  # random outputs: check_batch_independence reports that
+    finite_y = np.abs(y0[np.isfinite(y0)])
+    tol = 1e-5 * (float(finite_y.max()) if finite_y.size else 1.0) + 1e-30
+    bad_out = []
+    for f in flat_out:
+        varies = bool(np.ptp(y0[..., f])) if np.isfinite(y0[..., f]).all() else True
+        if _differs(small[..., f], y0[..., f]) > tol or (
+                (no_path or varies) and _differs(big[..., f], y0[..., f]) > tol):
+            bad_out.append(f)
+    bad_in = []
+    if flat_in and not bad_out:
+        xi = x.copy()
+        xi[..., flat_in] += 1e-2 * s * noise[..., flat_in]
+        if _differs(forward(call, xi, device), y0) > tol:
+            bad_in = flat_in
+    if not bad_out and not bad_in:
+        return
+    if no_path:
+        where = "TensorFlow returned no gradient at all (None) for the outputs"
+    elif bad_out:
+        where = (f"output feature{'s' if len(bad_out) > 1 else ''} {bad_out[:10]} "
+                 f"{'change' if len(bad_out) > 1 else 'changes'} with the inputs, but "
+                 "TensorFlow's gradient of it is zero everywhere")
+    else:
+        where = (f"the outputs change with input feature{'s' if len(bad_in) > 1 else ''} "
+                 f"{bad_in[:10]}, but TensorFlow's gradient with respect to "
+                 f"{'them' if len(bad_in) > 1 else 'it'} is zero everywhere")
+    raise ModelError(
+        f"the model is not differentiable with respect to its inputs: {where}. Its Jacobian "
+        "would come back as zeros (or None from tape.gradient) although the outputs do depend "
+        "on the inputs. This is what an integer cast, tf.stop_gradient, argmax, round or sign "
+        "in the path from inputs to outputs does. Make that path differentiable (keep float "
+        "values, remove stop_gradient, use a softmax instead of argmax), or differentiate the "
+        "part of the model before it.")
 
 
 # Layers whose output at step t depends on inputs at steps <= t only.

@@ -17,6 +17,7 @@ __all__ = [
     "ModelError",
     "NonFiniteError",
     "NotAStoreError",
+    "ReadOnlyStoreError",
     "StoreError",
     "StoreMismatchError",
     "StoreWriteError",
@@ -25,6 +26,11 @@ __all__ = [
 
 class JacstreamError(Exception):
     """Base class of every error raised by jacstream."""
+
+    # Raised inside a function that tf.function is tracing, an exception is
+    # re-raised by AutoGraph as a StagingError unless it carries this flag; with
+    # it, the caller gets our error and its message unchanged.
+    ag_pass_through = True
 
 
 class InputError(JacstreamError, ValueError):
@@ -61,6 +67,10 @@ class NotAStoreError(StoreError, FileNotFoundError):
 
 class StoreMismatchError(StoreError, FileExistsError):
     """The store exists but was made for another job."""
+
+
+class ReadOnlyStoreError(StoreError, PermissionError):
+    """The store, or the directory it should be created in, cannot be written."""
 
 
 class StoreWriteError(StoreError):

@@ -164,6 +164,31 @@ def prepare_model(model: Any, sample: np.ndarray, device: str,
     return PreparedModel(clone, changed)
 
 
+def model_kind(model: Any, call: Callable[[Any], Any], f_in: int,
+               dtype: tf.DType = tf.float32) -> tuple[str, int]:
+    """``("recurrent" | "feedforward", number of parameters)`` for strategy prediction.
+
+    Keras models are judged by their layers (any RNN is recurrent); other
+    callables by the ops of their traced graph (a while loop is recurrent),
+    their size by the tensors the graph captures.
+    """
+    if isinstance(model, keras.Model):
+        rnn = any(isinstance(sub, _CAUSAL_RNN)
+                  for sub in model._flatten_layers(include_self=False, recursive=True))
+        return ("recurrent" if rnn else "feedforward"), int(model.count_params())
+    try:
+        conc = tf.function(call).get_concrete_function(tf.TensorSpec([None, None, f_in], dtype))
+    except Exception:
+        return "feedforward", 0
+    ops = {op.type for op in conc.graph.get_operations()}
+    for f in conc.graph._functions.values():  # bodies of while loops live in sub-functions
+        ops.update(node.op for node in f.cached_definition.node_def)
+    n = sum(int(v.shape.num_elements() or 0) for v in conc.graph.variables)
+    n += sum(int(t.shape.num_elements() or 0) for t in conc.captured_inputs
+             if t.dtype != tf.resource)
+    return ("recurrent" if ops & {"While", "StatelessWhile"} else "feedforward"), n
+
+
 def fingerprint_model(model: Any) -> str:
     """A hash of the model's class, configuration and weights (sha256 hex)."""
     h = hashlib.sha256()
@@ -267,6 +292,7 @@ class BlockFunction:
         self.f_out = int(f_out)
         self.impl = FORWARD_IMPLS[0] if strategy == "forward" else strategy
         self.notes: list[str] = []  # why implementations were passed over, by validate()
+        self.t_out = 0              # output steps at full length, set by validate()
         self.traces = 0
         self.static = False
         self.static_block = 1       # static mode: block length to pad to (plan.block_size)
@@ -449,7 +475,8 @@ class BlockFunction:
                                      f"of shape {sample.shape}; expected (batch, steps, "
                                      f"{self.f_out}).")
                 self.notes = failures
-                return int(yfull[1])
+                self.t_out = int(yfull[1])
+                return self.t_out
         if not self.forward_mode and last is not None:
             raise last
         raise StrategyUnavailable(

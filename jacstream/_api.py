@@ -320,6 +320,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         "strategy": the_plan.strategy,
         "peak_rss_increase": max(tracker.peak - rss0, 0),
         "nonfinite_blocks": stats.nonfinite_blocks,
+        "blocks_from_trial": stats.precomputed_blocks,
     }
     js.record_run(run)
     result = Jacobian(js)

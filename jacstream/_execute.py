@@ -38,6 +38,7 @@ class RunStats:
     write_seconds: float = 0.0
     wall_seconds: float = 0.0
     nonfinite_blocks: list[int] = field(default_factory=list)
+    precomputed_blocks: list[int] = field(default_factory=list)  # by the strategy trial
 
 
 class _Writer(threading.Thread):
@@ -118,6 +119,7 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
             try:
                 if block.index in precomputed:
                     data, yshape, fed = precomputed.pop(block.index)
+                    stats.precomputed_blocks.append(block.index)
                 else:
                     data, yshape, fed = compute(x, out_steps[p0:p1], block.in_len,
                                                 *_extra_args(block))

@@ -284,7 +284,9 @@ class Plan:
                 # chunk holding the first one that does (earlier chunks stay unwritten).
                 first = bisect.bisect_left(self.out_steps, s0)
                 p0 = first // self.out_chunk * self.out_chunk
-            return Block(index, (e0, e1), (p0, n), self.needed_in_len, (s0, s1))
+            # The last block may pass the needed steps to end on a chunk boundary: those
+            # columns are zeros, but the model must be fed them.
+            return Block(index, (e0, e1), (p0, n), max(self.needed_in_len, s1), (s0, s1))
         p0 = sb * self.block_size
         p1 = min(p0 + self.block_size, n)
         in_len = min(self.t_in, self.out_steps[p1 - 1] + 1) if self.causal else self.t_in

@@ -43,8 +43,8 @@ def resolve_device(device: str | None) -> str:
     if not isinstance(device, str):
         raise DeviceError(f"device must be a string such as 'cpu' or 'gpu:0', got {device!r}.")
     want = device.strip().upper().lstrip("/")
-    if want.startswith("DEVICE:"):
-        want = want[len("DEVICE:"):]
+    if "DEVICE:" in want:  # "/device:CPU:0", "/job:localhost/replica:0/task:0/device:CPU:0"
+        want = want.rsplit("DEVICE:", 1)[1]
     if ":" not in want:
         want += ":0"
     for name in logical:
@@ -463,8 +463,14 @@ class BlockFunction:
                             raise ValueError(f"traced output shape {ys} != eager "
                                              f"{tuple(short_shape)}")
                     _, yfull, _ = self._tiny(sample)
-                except ModelError:
-                    raise
+                    if self.forward_mode:
+                        self._check_forward(sample if static else short)
+                except ModelError as e:
+                    if not self.forward_mode:
+                        raise
+                    last = e  # e.g. no forward derivative: reverse mode may still work
+                    failures.append(f"{impl}: {_first_line(e)}")
+                    continue
                 except Exception as e:
                     last = e
                     failures.append(f"{impl}{' (static shapes)' if static else ''}: "
@@ -482,6 +488,33 @@ class BlockFunction:
         raise StrategyUnavailable(
             f"strategy={self.strategy!r} cannot differentiate this model: "
             + "; ".join(failures) + ". Use strategy='pfor' or 'tile' (or 'auto').") from last
+
+    def _check_forward(self, x: np.ndarray) -> None:
+        """Raise ModelError unless forward mode agrees with a reverse-mode gradient.
+
+        A weighted sum of the first input step's columns must equal the gradient
+        of the same weighted sum of the outputs (one ordinary backward pass):
+        forward mode through an op with a custom or incomplete derivative could
+        otherwise give zeros or wrong values without an error.
+        """
+        length = x.shape[1]
+        cols, _, _ = self(x, np.arange(length), length, (0, 1))   # (b, T, F_out, 1, F_in)
+        w = np.random.default_rng(3).uniform(0.5, 1.5, size=cols.shape[1:3]).astype(x.dtype)
+        fwd = np.einsum("btfj,tf->bj", cols[:, :, :, 0, :], w)
+        xt = tf.constant(x)
+        with tf.device(self.device), tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = self.call(xt, training=False) if isinstance(self.call, keras.Model) \
+                else self.call(xt)
+            total = tf.reduce_sum(tf.convert_to_tensor(y) * w)
+        g = tape.gradient(total, xt)
+        rev = np.zeros_like(fwd) if g is None else np.asarray(g)[:, 0, :]
+        scale = max(float(np.max(np.abs(rev))), float(np.max(np.abs(fwd))), 1e-30)
+        if not np.allclose(fwd, rev, rtol=1e-4, atol=1e-5 * scale):
+            raise ModelError(
+                f"forward mode ({self.impl}) disagrees with reverse mode on this model (by up "
+                f"to {float(np.max(np.abs(fwd - rev))):.3g}, scale {scale:.3g}): an op with a "
+                "custom or incomplete derivative")
 
     def probe_cost(self, x: np.ndarray, max_len: int = 256) -> CostModel:
         """Measure the memory cost model with two small blocks (no extra trace).

@@ -425,8 +425,10 @@ class BlockFunction:
             x = x[:, :in_len]
             fn = self._dynamic_fn
         with tf.device(self.device):
+            # Offsets go in as tensors: Python ints would retrace the static function.
             jac, yshape = fn(tf.convert_to_tensor(np.ascontiguousarray(x)),
-                             tf.convert_to_tensor(idx), *extra)
+                             tf.convert_to_tensor(idx),
+                             *(tf.constant(v, tf.int32) for v in extra))
         out = jac.numpy()
         if self.static:
             out = out[:, :k, :, skip:] if self.forward_mode else out[:, :k, :, :in_len]

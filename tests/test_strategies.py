@@ -77,6 +77,39 @@ def test_forward_blockings_match_batch_jacobian(name, out_steps, block_size, epb
     assert_jacobian_close(J[...], ref[:, J.out_steps], f"{name} {out_steps}")
 
 
+def test_forward_trace_count_does_not_grow_with_blocks(tmp_path):
+    model, f_in, _, _ = build_model("conv_causal")
+    x = np.random.default_rng(1).normal(size=(2, T, f_in)).astype("float32")
+    few = jacstream.jacobian(model, x, tmp_path / "a.zarr", strategy="forward", block_size=12,
+                             progress=False)
+    many = jacstream.jacobian(model, x, tmp_path / "b.zarr", strategy="forward", block_size=2,
+                              out_steps=[3, 9, 22], progress=False)
+    assert few.n_blocks == 2 and many.n_blocks == 12
+    assert few.stats["traces"] == many.stats["traces"] == 1
+
+
+def test_forward_on_a_model_that_needs_static_shapes(tmp_path):
+    import keras
+
+    class Subclassed(keras.Model):  # cannot be cloned: its TimeDistributed stays, static shapes
+        def __init__(self):
+            super().__init__()
+            self.rnn = keras.layers.GRU(4, return_sequences=True)
+            self.td = keras.layers.TimeDistributed(keras.layers.Dense(3))
+
+        def call(self, x, training=False):
+            return self.td(self.rnn(x))
+
+    keras.utils.set_random_seed(2)
+    model = Subclassed()
+    x = np.random.default_rng(2).normal(size=(2, 13, 1)).astype("float32")
+    ref = reference_jacobian(model, x)
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="forward", block_size=4,
+                           out_steps=[2, 7, 12], causal=True, progress=False)
+    assert J.stats["traces"] <= 3
+    assert_jacobian_close(J[...], ref[:, [2, 7, 12]], "forward, static shapes")
+
+
 def test_forward_implementation_is_recorded_with_why(tmp_path):
     x = np.random.default_rng(0).normal(size=(2, 12, 2)).astype("float32")
     conv, *_ = build_model("conv_causal")

@@ -23,7 +23,7 @@ __all__ = ["jacobian", "plan"]
 
 CAUSAL_CHOICES = ("auto", True, False)
 SHORT_STEPS = 48  # prefix length for the eager structural checks
-STRATEGY_CHOICES = ("auto", "pfor", "tile")
+STRATEGY_CHOICES = ("auto", "pfor", "tile", "forward")
 NONFINITE_CHOICES = ("raise", "warn", "ignore")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
 
@@ -118,8 +118,9 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         :class:`~jacstream.errors.InputError`. Axis 1 of the result follows
         this order (``result.out_steps``).
     block_size : int, optional
-        Output steps per block. By default chosen from ``memory_budget`` and a
-        measurement of the model's memory per step.
+        Output steps per block (input steps per block with ``strategy="forward"``).
+        By default chosen from ``memory_budget`` and a measurement of the
+        model's memory per step.
     memory_budget : int or str, optional
         Bound on the working memory of the computation, e.g. ``"1GiB"``.
         Default: 2 GiB or a quarter of available memory, whichever is less.
@@ -130,13 +131,25 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         ``<= t``: each block then reads only the inputs it needs and the zero
         upper triangle is never computed or stored. ``"auto"`` uses it only
         when the model's layers and a numerical check both show causality.
-    strategy : {"auto", "pfor", "tile"}
-        How a block is differentiated: vectorised reverse mode (``pfor``), or
-        reverse mode over copies of each example (``tile``).
+    strategy : {"auto", "pfor", "tile", "forward"}
+        How a block is differentiated: vectorised reverse mode (``"pfor"``),
+        reverse mode over copies of each example (``"tile"``), or forward mode
+        over blocks of input steps (``"forward"``; pays when ``F_in x T_in`` is
+        well below ``F_out x`` the output steps). All are exact. ``"auto"``
+        predicts the fastest from the shapes and the model, times real blocks
+        when the job is long enough to pay for it, and records the choice and
+        its timings in ``result.attrs["strategy_choice"]``.
     device : str, optional
-        ``"cpu"``, ``"gpu"``, ``"gpu:1"``...; default: a GPU if TensorFlow sees one.
+        ``"cpu"``, ``"gpu"``, ``"gpu:1"``, ``"/device:CPU:0"``...; default: a GPU
+        if TensorFlow sees one. On a GPU the RNN layers run without the cuDNN
+        kernel (it has no vectorised or second derivative) and
+        ``memory_budget`` bounds device memory.
     dtype : {"float32", "float16", "bfloat16", "float64"}
-        Storage dtype (computation is in the model's dtype).
+        Storage dtype; the computation is in float32 and each value is rounded
+        once when stored. float16 keeps a relative error under 2**-11 (~4.9e-4)
+        for magnitudes 6.1e-5..65504 (smaller ones lose digits or become 0;
+        larger ones are refused); bfloat16 keeps float32's range with a
+        relative error under 2**-8 (~3.9e-3). Half the disk of float32.
     overwrite : bool
         Replace an existing store made for another job.
     progress : bool
@@ -278,9 +291,31 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     _tf.check_batch_independence(prepared.call, short, dev)
     _tf.check_differentiable(prepared.call, short, dev)
     stored_strategy = existing.plan.strategy if existing is not None and not overwrite else None
-    chosen = stored_strategy or ("pfor" if strategy == "auto" else strategy)
-    fn = _tf.BlockFunction(prepared.call, chosen, f_in, f_out, dev)
-    t_out = fn.validate(sample, short, y_short.shape)
+    fixed = stored_strategy or (None if strategy == "auto" else strategy)
+    if reduction is not None:  # streaming reductions walk blocks of output steps
+        if fixed == "forward":
+            raise InputError("reduce= needs blocks of output steps: use strategy='pfor', "
+                             "'tile' or 'auto', not 'forward'.")
+        fixed = fixed or "pfor"
+    fns: dict[str, Any] = {}
+
+    def build(name: str) -> Any:
+        """The validated block function of a strategy (traced once per call)."""
+        if name not in fns:
+            f = _tf.BlockFunction(prepared.call, name, f_in, f_out, dev)
+            f.validate(sample, short, y_short.shape)
+            fns[name] = f
+        return fns[name]
+
+    if fixed is not None:
+        t_out = build(fixed).t_out
+    elif short.shape[1] == t_in or y_short.shape[1] == short.shape[1]:
+        # strategy="auto" traces nothing before choosing: the output length is known
+        # from the eager pass (full length), or equals the input length (a prefix
+        # gave as many outputs as inputs; checked once the chosen function is traced).
+        t_out = int(y_short.shape[1]) if short.shape[1] == t_in else t_in
+    else:
+        t_out = build("tile").t_out
     steps = normalize_out_steps(out_steps, t_out)
 
     if causal == "auto":
@@ -300,7 +335,9 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         "dtype": dtype,
         "layout": ["example", "out_step", "out_feature", "in_step", "in_feature"],
     }
+    precomputed: dict[int, Any] = {}
     if existing is not None and not overwrite:
+        fn = build(existing.plan.strategy)
         existing.check_same_job(job)
         stored = existing.plan
         asked = {"block_size": block_size, "examples_per_block": examples_per_block,
@@ -313,28 +350,53 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
                     f", this call asks for {key}={value!r}. Resume with the same {key} (or leave "
                     "it out), or pass overwrite=True to start again.")
         the_plan, js = stored, existing
+        _bind(fn, the_plan)
     else:
         if budget is None and block_size is None:
             budget = (_dask_budget(client) if client is not None else None) or \
                 default_memory_budget()
-        cost = None
-        if block_size is None:
-            cost = fn.probe_cost(sample if batch <= 2 else np.asarray(x[: min(batch, 4)]))
-            cost = _scale_fixed(cost, current_rss() - rss0)
-        the_plan = make_plan((batch, t_in, f_in), (batch, t_out, f_out), out_steps=steps,
-                             block_size=block_size, examples_per_block=examples_per_block,
-                             memory_budget=budget, causal=is_causal, strategy=chosen,
-                             dtype=dtype, cost=cost, in_chunk=in_chunk)
+
+        def plan_for(f: Any) -> Plan:
+            """The plan of a validated block function, with its own measured memory cost."""
+            cost = None
+            if block_size is None:
+                cost = f.probe_cost(sample if batch <= 2 else np.asarray(x[: min(batch, 4)]))
+                cost = _scale_fixed(cost, current_rss() - rss0)
+            p = make_plan((batch, t_in, f_in), (batch, t_out, f_out), out_steps=steps,
+                          block_size=block_size, examples_per_block=examples_per_block,
+                          memory_budget=budget, causal=is_causal, strategy=f.strategy,
+                          dtype=dtype, cost=cost, in_chunk=in_chunk)
+            _bind(f, p)
+            return p
+
+        if fixed is not None:
+            fn = build(fixed)
+            the_plan = plan_for(fn)
+            choice = {"strategy": fixed, "reason": "set by the caller", "trial_seconds": {},
+                      "notes": list(fn.notes)}
+        else:
+            fn, the_plan, choice, precomputed = _choose_strategy(
+                model, prepared.call, x, build, plan_for, job, dev, (f_in, f_out),
+                (block_size, examples_per_block, budget, in_chunk))
+        if fn.t_out != t_out:
+            raise ModelError(
+                f"the model returned {fn.t_out} output steps for {t_in} input steps when "
+                f"traced, but {y_short.shape[1]} for a prefix of {short.shape[1]} steps when "
+                "called eagerly; jacstream needs a model whose output length follows its "
+                "input length the same way in both. Pass strategy='pfor' to check the full "
+                "length first.")
+        if fn.strategy == "forward":
+            choice["forward_impl"] = fn.impl
         if reduction is not None:
             from ._reduce import run_streaming
 
-            fn.static_block = the_plan.block_size
             return run_streaming(reduction, the_plan, x, fn, path, job, overwrite=overwrite,
                                  progress=progress, on_nonfinite=on_nonfinite,
                                  on_block=on_block, t_out=t_out)
         js = JobStore.create(path, the_plan, {**job, "causal_reason": reason,
                                               "model_rewrites": prepared.rewritten,
-                                              "device": dev}, overwrite=overwrite)
+                                              "device": dev, "strategy_choice": choice},
+                             overwrite=overwrite)
 
     if js is existing and not JobStore.writable(path):
         missing = the_plan.n_blocks - len(js.done_blocks())
@@ -344,10 +406,10 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
             f"the store {str(path)!r} is read-only (permissions or a read-only file system) "
             f"and {missing} of its {the_plan.n_blocks} blocks are still to be computed. Make it "
             "writable, or copy it to a writable place and call again with the copy's path.")
-    fn.static_block = the_plan.block_size
     with PeakTracker() as tracker:
         if client is None:
-            stats = _run(the_plan, js, x, fn, progress, on_nonfinite, on_block, t_out, _write)
+            stats = _run(the_plan, js, x, fn, progress, on_nonfinite, on_block, t_out, _write,
+                         precomputed)
         else:
             from ._dask import run_dask
 
@@ -364,8 +426,10 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         "compute_seconds": round(stats.compute_seconds, 3),
         "write_seconds": round(stats.write_seconds, 3),
         "traces": fn.traces,
+        "strategy": the_plan.strategy,
         "peak_rss_increase": max(tracker.peak - rss0, 0),
         "nonfinite_blocks": stats.nonfinite_blocks,
+        "blocks_from_trial": stats.precomputed_blocks,
     }
     if client is not None:
         run.update(stats.run_info())   # executor, scheduler, traces per worker
@@ -409,6 +473,39 @@ def _existing_store(path: Path) -> JobStore | None:
     return None
 
 
+def _bind(fn: Any, the_plan: Plan) -> None:
+    """Tell a block function the plan's block lengths (used only in static-shape mode)."""
+    fn.static_block = the_plan.block_size
+    fn.static_idx = len(the_plan.out_steps)
+
+
+def _choose_strategy(model: Any, call: Any, x: Any, build: Any, plan_for: Any,
+                     job: dict[str, Any], dev: str, features: tuple[int, int],
+                     options: tuple[Any, ...]) -> tuple[Any, Plan, dict[str, Any], dict[int, Any]]:
+    """strategy="auto": predict from the shapes, then time real blocks (see _strategy)."""
+    from . import _strategy, _tf
+
+    (batch, t_in, f_in), f_out = job["input_shape"], features[1]
+    kind, n_params = _tf.model_kind(model, call, f_in)
+    shapes = _strategy.Shapes(batch, t_in, f_in, f_out, tuple(job["out_steps"]), job["causal"],
+                              kind, n_params)
+    names, notes = _strategy.candidates(shapes)
+
+    def run_block(fn: Any, the_plan: Plan, block: Any) -> Any:
+        e0, e1 = block.examples
+        p0, p1 = block.positions
+        idx = np.asarray(the_plan.out_steps[p0:p1], dtype=np.int32)
+        extra = () if block.in_steps is None else (block.in_steps,)
+        return fn(np.asarray(x[e0:e1]), idx, block.in_len, *extra)
+
+    key = (job["model"], job["inputs"], tuple(job["out_steps"]), job["causal"], job["dtype"],
+           dev, options)
+    choice = _strategy.choose(names, shapes, build=build, plan_for=plan_for,
+                              run_block=run_block, cache_key=key)
+    record = {**choice.record, "notes": notes + choice.record.get("notes", [])}
+    return choice.fn, choice.plan, record, choice.precomputed
+
+
 def _scale_fixed(cost: CostModel, overhead: int) -> CostModel:
     """Count what tracing and the probes already took as part of the fixed cost."""
     from dataclasses import replace
@@ -417,8 +514,8 @@ def _scale_fixed(cost: CostModel, overhead: int) -> CostModel:
 
 
 def _run(the_plan: Plan, js: JobStore, x: Any, fn: Any, progress: bool, on_nonfinite: str,
-         on_block: Any, t_out: int, write: bool) -> Any:
+         on_block: Any, t_out: int, write: bool, precomputed: Any = None) -> Any:
     from ._execute import run_local
 
     return run_local(the_plan, js, x, fn, progress=progress, on_nonfinite=on_nonfinite,
-                     on_block=on_block, t_out=t_out, write=write)
+                     on_block=on_block, t_out=t_out, write=write, precomputed=precomputed)

@@ -25,7 +25,9 @@ from .errors import JacstreamError, ModelError, NonFiniteError
 
 __all__ = ["RunStats", "run_local"]
 
-ComputeFn = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, tuple[int, ...], int]]
+# compute(x, out_steps, in_len) for a reverse-mode block; forward-mode blocks
+# also pass their input steps: compute(x, out_steps, in_len, (t0, t1)).
+ComputeFn = Callable[..., tuple[np.ndarray, tuple[int, ...], int]]
 
 
 @dataclass
@@ -36,6 +38,7 @@ class RunStats:
     write_seconds: float = 0.0
     wall_seconds: float = 0.0
     nonfinite_blocks: list[int] = field(default_factory=list)
+    precomputed_blocks: list[int] = field(default_factory=list)  # by the strategy trial
 
 
 class _Writer(threading.Thread):
@@ -85,11 +88,16 @@ class _Writer(threading.Thread):
 def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
               progress: bool = True, on_nonfinite: str = "raise",
               on_block: Callable[[Block], None] | None = None,
-              t_out: int | None = None, write: bool = True) -> RunStats:
+              t_out: int | None = None, write: bool = True,
+              precomputed: dict[int, tuple[np.ndarray, tuple[int, ...], int]] | None = None,
+              ) -> RunStats:
     """Carry out ``plan`` block by block, skipping blocks the store records as done.
 
     ``write=False`` is a null sink for benchmarks: blocks are computed and dropped.
+    ``precomputed`` maps block indices to results already computed (by the
+    strategy trial): they are checked and written, not computed again.
     """
+    precomputed = dict(precomputed or {})
     stats = RunStats()
     t_start = time.perf_counter()
     done = store.done_blocks()
@@ -108,7 +116,12 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
             x = np.asarray(inputs[e0:e1])
             t0 = time.perf_counter()
             try:
-                data, yshape, fed = compute(x, out_steps[p0:p1], block.in_len)
+                if block.index in precomputed:
+                    data, yshape, fed = precomputed.pop(block.index)
+                    stats.precomputed_blocks.append(block.index)
+                else:
+                    data, yshape, fed = compute(x, out_steps[p0:p1], block.in_len,
+                                                *_extra_args(block))
             except JacstreamError:
                 raise
             except Exception as e:
@@ -116,7 +129,7 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
                     e.add_note(f"jacstream: while computing block {block.index} of "
                                f"{plan.n_blocks}: examples {e0}..{e1 - 1}, output steps "
                                f"{plan.out_steps[p0]}..{plan.out_steps[p1 - 1]}, input length "
-                               f"{block.in_len}, inputs {x.shape}")
+                               f"{block.in_len}, input steps {block.columns}, inputs {x.shape}")
                 raise
             stats.compute_seconds += time.perf_counter() - t0
             _check_shapes(plan, block, data, yshape, fed, t_out)
@@ -145,6 +158,11 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
     return stats
 
 
+def _extra_args(block: Block) -> tuple[Any, ...]:
+    """Arguments a block passes to the compute function after ``in_len``."""
+    return () if block.in_steps is None else (block.in_steps,)
+
+
 def _check_shapes(plan: Plan, block: Block, data: np.ndarray, yshape: tuple[int, ...],
                   fed: int, t_out: int | None) -> None:
     e = block.examples[1] - block.examples[0]
@@ -158,7 +176,8 @@ def _check_shapes(plan: Plan, block: Block, data: np.ndarray, yshape: tuple[int,
             "length, or a Keras TimeDistributed layer on a dynamic time axis (which can return "
             "a time axis as long as the batch), gives this. Build the model with a static "
             "input length, or pass causal=False.")
-    want = (e, k, plan.f_out, block.in_len, plan.f_in)
+    c0, c1 = block.columns
+    want = (e, k, plan.f_out, c1 - c0, plan.f_in)
     if data.shape != want:
         raise ModelError(f"block {block.index}: the Jacobian has shape {data.shape}, expected "
                          f"{want}.")

@@ -6,6 +6,7 @@ and tested in milliseconds. Executors only carry a plan out.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,11 @@ __all__ = ["Block", "CostModel", "Plan", "format_bytes", "make_plan", "normalize
            "parse_memory"]
 
 LAYOUT = ("example", "out_step", "out_feature", "in_step", "in_feature")
+
+# The axis a strategy's blocks run along: reverse mode computes rows of the
+# Jacobian (blocks of output steps), forward mode computes columns (blocks of
+# input steps). Both write the same array with the same layout.
+STRATEGY_AXIS = {"pfor": "out", "tile": "out", "forward": "in"}
 
 # With pfor on 2 cores, a block's speed stops improving at about a thousand
 # Jacobian rows (examples x output steps x output features); larger blocks
@@ -163,12 +169,24 @@ class CostModel:
 
 @dataclass(frozen=True)
 class Block:
-    """One unit of work: a slab of examples x a run of output positions."""
+    """One unit of work: a slab of examples x a run of output positions.
+
+    ``in_len`` is the number of input steps the model is fed. A reverse-mode
+    block (``in_steps is None``) computes ``J[examples, positions, :, :in_len]``;
+    a forward-mode block computes the columns ``J[examples, positions, :,
+    in_steps[0]:in_steps[1]]`` (the positions that can be non-zero).
+    """
 
     index: int
     examples: tuple[int, int]
     positions: tuple[int, int]
     in_len: int
+    in_steps: tuple[int, int] | None = None
+
+    @property
+    def columns(self) -> tuple[int, int]:
+        """The input steps ``(t0, t1)`` of the Jacobian this block computes."""
+        return self.in_steps if self.in_steps is not None else (0, self.in_len)
 
 
 @dataclass(frozen=True)
@@ -193,6 +211,11 @@ class Plan:
     memory_budget: int | None
     cost: CostModel
     estimated_peak: int
+    # Forward mode ("in") blocks run over input steps: block_size is then input
+    # steps per block, in_chunk equals it and out_chunk is the chunk along
+    # output steps. Defaults keep plans of older stores loadable.
+    axis: str = "out"
+    out_chunk: int = 0
 
     # -- shapes -----------------------------------------------------------
     @property
@@ -202,12 +225,29 @@ class Plan:
 
     @property
     def chunks(self) -> tuple[int, int, int, int, int]:
-        """Zarr chunk shape: one block along examples and output steps."""
-        return (self.examples_per_block, self.block_size, self.f_out, self.in_chunk, self.f_in)
+        """Zarr chunk shape: one block along examples and the block axis."""
+        return (self.examples_per_block, self.out_chunk or self.block_size, self.f_out,
+                self.in_chunk, self.f_in)
 
     @property
     def n_out_blocks(self) -> int:
-        return -(-len(self.out_steps) // self.block_size)
+        """Blocks along the output steps (reverse mode; chunks along them in forward mode)."""
+        return -(-len(self.out_steps) // (self.out_chunk or self.block_size))
+
+    @property
+    def needed_in_len(self) -> int:
+        """Input steps any selected output depends on (all of them unless causal)."""
+        return min(self.t_in, self.out_steps[-1] + 1) if self.causal else self.t_in
+
+    @property
+    def n_in_blocks(self) -> int:
+        """Blocks along the input steps (forward mode only; 1 in reverse mode)."""
+        return -(-self.needed_in_len // self.block_size) if self.axis == "in" else 1
+
+    @property
+    def n_step_blocks(self) -> int:
+        """Blocks along the axis the plan runs over (output or input steps)."""
+        return self.n_in_blocks if self.axis == "in" else self.n_out_blocks
 
     @property
     def n_example_blocks(self) -> int:
@@ -215,7 +255,7 @@ class Plan:
 
     @property
     def n_blocks(self) -> int:
-        return self.n_out_blocks * self.n_example_blocks
+        return self.n_step_blocks * self.n_example_blocks
 
     @property
     def itemsize(self) -> int:
@@ -228,14 +268,27 @@ class Plan:
 
     # -- blocks -----------------------------------------------------------
     def block(self, index: int) -> Block:
-        """The block with this index (blocks are ordered by output block, then examples)."""
+        """The block with this index (ordered by step block, then example block)."""
         if not 0 <= index < self.n_blocks:
             raise IndexError(f"block {index} out of range (plan has {self.n_blocks} blocks)")
-        ob, eb = divmod(index, self.n_example_blocks)
-        p0 = ob * self.block_size
-        p1 = min(p0 + self.block_size, len(self.out_steps))
+        sb, eb = divmod(index, self.n_example_blocks)
         e0 = eb * self.examples_per_block
         e1 = min(e0 + self.examples_per_block, self.batch)
+        n = len(self.out_steps)
+        if self.axis == "in":
+            s0 = sb * self.block_size
+            s1 = min(s0 + self.block_size, self.t_in)
+            p0 = 0
+            if self.causal:
+                # Outputs before step s0 do not depend on these inputs: start at the
+                # chunk holding the first one that does (earlier chunks stay unwritten).
+                first = bisect.bisect_left(self.out_steps, s0)
+                p0 = first // self.out_chunk * self.out_chunk
+            # The last block may pass the needed steps to end on a chunk boundary: those
+            # columns are zeros, but the model must be fed them.
+            return Block(index, (e0, e1), (p0, n), max(self.needed_in_len, s1), (s0, s1))
+        p0 = sb * self.block_size
+        p1 = min(p0 + self.block_size, n)
         in_len = min(self.t_in, self.out_steps[p1 - 1] + 1) if self.causal else self.t_in
         return Block(index, (e0, e1), (p0, p1), in_len)
 
@@ -250,9 +303,13 @@ class Plan:
         return min(self.t_in, -(-block.in_len // self.in_chunk) * self.in_chunk)
 
     def block_peak(self, block: Block) -> int:
-        rows = (block.positions[1] - block.positions[0]) * self.f_out
-        return self.cost.peak(block.examples[1] - block.examples[0], rows, block.in_len,
-                              self.f_in * self.itemsize)
+        e = block.examples[1] - block.examples[0]
+        k = block.positions[1] - block.positions[0]
+        if self.axis == "in":
+            c0, c1 = block.columns
+            return _forward_peak(self.cost, e, c1 - c0, self.f_in, block.in_len, k * self.f_out,
+                                 self.itemsize)
+        return self.cost.peak(e, k * self.f_out, block.in_len, self.f_in * self.itemsize)
 
     # -- (de)serialisation ------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -263,6 +320,8 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         d = dict(d)
+        d.setdefault("axis", "out")
+        d.setdefault("out_chunk", 0)
         d["out_steps"] = tuple(d["out_steps"])
         d["cost"] = CostModel(**d["cost"])
         return cls(**d)
@@ -276,12 +335,14 @@ class Plan:
             f"  jacobian shape      {self.shape}  ({', '.join(LAYOUT)})",
             f"  dense size          {format_bytes(self.dense_nbytes)} ({self.dtype})",
             f"  output steps        {n} ({steps})",
-            f"  blocks              {self.n_blocks} = {self.n_out_blocks} output blocks of "
+            f"  blocks              {self.n_blocks} = {self.n_step_blocks} "
+            f"{'input' if self.axis == 'in' else 'output'} blocks of "
             f"{self.block_size} steps x {self.n_example_blocks} example blocks of "
             f"{self.examples_per_block}",
             f"  zarr chunks         {self.chunks}",
             f"  causal truncation   {'yes' if self.causal else 'no'}",
-            f"  strategy            {self.strategy}",
+            f"  strategy            {self.strategy}"
+            f"{' (forward mode: blocks of input steps)' if self.axis == 'in' else ''}",
             f"  memory budget       {budget}",
             f"  estimated peak      {format_bytes(self.estimated_peak)} "
             f"({'measured cost model' if self.cost.measured else 'default cost guess'})",
@@ -306,7 +367,8 @@ def make_plan(input_shape: Sequence[int], output_shape: Sequence[int], *,
     out_steps : None, int, slice or sequence of int
         Output steps to differentiate (see :func:`normalize_out_steps`).
     block_size : int, optional
-        Output steps per block. Chosen from the memory budget when omitted.
+        Output steps per block (input steps per block for ``strategy="forward"``).
+        Chosen from the memory budget when omitted.
     examples_per_block : int, optional
         Examples per block. All of them when omitted, unless the budget needs fewer.
     memory_budget : int or str, optional
@@ -314,12 +376,15 @@ def make_plan(input_shape: Sequence[int], output_shape: Sequence[int], *,
     causal : bool
         Whether output step t depends only on inputs ``<= t`` (enables truncation).
     strategy : str
-        Name of the differentiation strategy (recorded only).
+        Name of the differentiation strategy. ``"forward"`` plans blocks of
+        input steps (``axis="in"``); the others plan blocks of output steps.
     cost : CostModel, optional
         Memory model of one block; a conservative default when omitted.
     in_chunk : int, optional
         Input steps per zarr chunk. Default: the block size, widened by whole
-        blocks until a chunk holds 128 KiB (fewer, larger files).
+        blocks until a chunk holds 128 KiB (fewer, larger files). In forward
+        mode it must equal the block size (each block writes whole chunks); the
+        output-step chunk is then widened instead.
 
     Returns
     -------
@@ -345,9 +410,17 @@ def make_plan(input_shape: Sequence[int], output_shape: Sequence[int], *,
     target = None if budget is None else int(budget * BUDGET_HEADROOM)
     cost = cost or CostModel()
     itemsize = 2 if dtype in ("float16", "bfloat16") else 4 if dtype == "float32" else 8
-    n = len(steps)
+    if strategy not in STRATEGY_AXIS:
+        raise InputError(f"strategy must be one of {tuple(STRATEGY_AXIS)}, got {strategy!r}.")
+    axis = STRATEGY_AXIS[strategy]
+    n_out = len(steps)
+    needed = min(t_in, steps[-1] + 1) if causal else t_in
+    # n: steps along the block axis; unit: Jacobian rows (or columns) per step.
+    n, unit = (n_out, f_out) if axis == "out" else (needed, f_in)
 
     def peak(k: int, e: int) -> int:
+        if axis == "in":
+            return _forward_peak(cost, e, k, f_in, needed, n_out * f_out, itemsize)
         return cost.peak(e, k * f_out, t_in, f_in * itemsize)
 
     for name, v in (("block_size", block_size), ("examples_per_block", examples_per_block),
@@ -367,7 +440,7 @@ def make_plan(input_shape: Sequence[int], output_shape: Sequence[int], *,
                 f"for {e} examples x {t_in} input steps, over memory_budget="
                 f"{format_bytes(budget)}: {hint}.")
     else:
-        cap = max(1, MAX_ROWS_PER_BLOCK // max(1, e * f_out))
+        cap = max(1, MAX_ROWS_PER_BLOCK // max(1, e * unit))
         if target is None:
             k = min(n, cap)
         else:
@@ -381,16 +454,42 @@ def make_plan(input_shape: Sequence[int], output_shape: Sequence[int], *,
                     f"of one example at {t_in} input steps (needs about "
                     f"{format_bytes(peak(1, 1))}). Raise memory_budget to at least "
                     f"{format_bytes(peak(1, 1) / BUDGET_HEADROOM)}.")
-    if in_chunk is None:
-        in_chunk = k
-        chunk_bytes = e * k * f_out * f_in * itemsize
-        while in_chunk < t_in and chunk_bytes * in_chunk < MIN_CHUNK_BYTES:
-            in_chunk += k
-    in_chunk = min(in_chunk, t_in)
+    # The chunk along the block axis is the block; the other is widened by whole
+    # blocks until a chunk holds MIN_CHUNK_BYTES.
+    chunk_bytes = e * k * f_out * f_in * itemsize
+    if axis == "in":
+        if in_chunk is not None and in_chunk != min(k, t_in):
+            raise InputError(f"in_chunk={in_chunk} must equal the block size ({k} input steps) "
+                             "with strategy='forward', so that each block writes whole chunks. "
+                             "Leave in_chunk out.")
+        in_chunk = min(k, t_in)
+        out_chunk = k
+        while out_chunk < n_out and chunk_bytes * out_chunk < MIN_CHUNK_BYTES:
+            out_chunk += k
+        out_chunk = min(out_chunk, n_out)
+    else:
+        if in_chunk is None:
+            in_chunk = k
+            while in_chunk < t_in and chunk_bytes * in_chunk < MIN_CHUNK_BYTES:
+                in_chunk += k
+        in_chunk = min(in_chunk, t_in)
+        out_chunk = k
     return Plan(batch=batch, t_in=t_in, f_in=f_in, t_out=t_out, f_out=f_out, out_steps=steps,
                 block_size=k, examples_per_block=e, in_chunk=in_chunk, causal=bool(causal),
                 strategy=strategy, dtype=dtype, memory_budget=budget, cost=cost,
-                estimated_peak=peak(k, e))
+                estimated_peak=peak(k, e), axis=axis, out_chunk=out_chunk)
+
+
+def _forward_peak(cost: CostModel, examples: int, steps: int, f_in: int, in_len: int,
+                  out_rows: int, itemsize: int) -> int:
+    """Working memory of a forward-mode block of ``steps`` input steps.
+
+    ``steps * f_in`` tangents (copies of each example) run through ``in_len``
+    steps; the result holds ``out_rows`` rows per tangent.
+    """
+    tangents = steps * f_in
+    return (cost.peak(examples, tangents, in_len, 0)
+            + BLOCKS_IN_FLIGHT * examples * tangents * out_rows * itemsize)
 
 
 def _largest(ok: Any, hi: int) -> int:

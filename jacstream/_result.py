@@ -135,9 +135,13 @@ class Jacobian:
         return a if dtype is None else a.astype(dtype)
 
     def block_mask(self) -> np.ndarray:
-        """Boolean (example_blocks, out_blocks) grid: which blocks are finished."""
+        """Boolean (example_blocks, step_blocks) grid: which blocks are finished.
+
+        Step blocks run over output steps, or over input steps for a forward-mode
+        plan (``plan.axis == "in"``).
+        """
         plan = self.plan
-        mask = np.zeros((plan.n_out_blocks, plan.n_example_blocks), bool)
+        mask = np.zeros((plan.n_step_blocks, plan.n_example_blocks), bool)
         for i in self._store.done_blocks():
             mask[divmod(i, plan.n_example_blocks)] = True
         return mask.T

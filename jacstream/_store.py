@@ -27,6 +27,8 @@ from typing import Any, Literal, cast
 import numpy as np
 import zarr
 
+from ._dtypes import cast as _cast
+from ._dtypes import native_dtype, register_bfloat16
 from ._plan import LAYOUT, Block, Plan
 from ._version import __version__
 from .errors import (
@@ -103,6 +105,7 @@ class JobStore:
         if not p.exists():
             raise NotAStoreError(f"no jacstream store at {str(p)!r}: the path does not exist. "
                                  "Check the path, or compute one with jacstream.jacobian().")
+        register_bfloat16()  # so that a bfloat16 store opens (zarr has no such dtype itself)
         try:
             group = zarr.open_group(store=str(p), mode=mode)
             meta = group.attrs.get("jacstream")
@@ -191,7 +194,8 @@ class JobStore:
         try:
             group = zarr.open_group(store=str(tmp), mode="w")
             group.create_array(
-                ARRAY_NAME, shape=plan.shape, chunks=plan.chunks, dtype=plan.dtype,
+                ARRAY_NAME, shape=plan.shape, chunks=plan.chunks,
+                dtype=native_dtype(plan.dtype),
                 fill_value=0.0, dimension_names=list(LAYOUT),
                 config={"write_empty_chunks": False})
             group.attrs["jacstream"] = meta
@@ -259,17 +263,26 @@ class JobStore:
 
     # -- writing ----------------------------------------------------------
     def write_block(self, plan: Plan, block: Block, data: np.ndarray, durable: bool = True) -> None:
-        """Write one block's data as whole chunks, make it durable, then record it as done."""
+        """Write one block's data as whole chunks, make it durable, then record it as done.
+
+        A reverse-mode block holds rows ``positions`` x input steps ``[0, in_len)``
+        (padded with zeros to whole chunks); a forward-mode block holds the
+        columns ``block.in_steps`` for rows ``positions``, whole chunks by plan.
+        """
         e0, e1 = block.examples
         p0, p1 = block.positions
-        width = plan.written_in_len(block)
-        if data.shape[3] < width:
-            pad = np.zeros(data.shape[:3] + (width - data.shape[3],) + data.shape[4:], data.dtype)
-            data = np.concatenate([data, pad], axis=3)
+        if block.in_steps is not None:
+            c0, c1 = block.in_steps
+        else:
+            c0, c1 = 0, plan.written_in_len(block)
+            if data.shape[3] < c1:
+                pad = np.zeros(data.shape[:3] + (c1 - data.shape[3],) + data.shape[4:],
+                               data.dtype)
+                data = np.concatenate([data, pad], axis=3)
         try:
-            self.array[e0:e1, p0:p1, :, :width, :] = data.astype(plan.dtype, copy=False)
+            self.array[e0:e1, p0:p1, :, c0:c1, :] = _cast(data, plan.dtype)
             if durable:
-                for key in self._chunk_keys(plan, block, width):
+                for key in self._chunk_keys(plan, block, c0, c1):
                     _fsync_path(self.path / ARRAY_NAME / key)
             self._mark_done(block.index)
         except OSError as e:
@@ -283,11 +296,12 @@ class JobStore:
                 f"{e0}..{e1 - 1}) to {str(self.path)!r} failed: {e.strerror or e}. Finished "
                 f"blocks are intact; {hint}.") from e
 
-    def _chunk_keys(self, plan: Plan, block: Block, width: int) -> Iterable[str]:
+    def _chunk_keys(self, plan: Plan, block: Block, c0: int, c1: int) -> Iterable[str]:
         ce = block.examples[0] // plan.examples_per_block
-        cp = block.positions[0] // plan.block_size
-        for ci in range(-(-width // plan.in_chunk)):
-            yield f"c/{ce}/{cp}/0/{ci}/0"
+        out_chunk = plan.chunks[1]
+        for cp in range(block.positions[0] // out_chunk, -(-block.positions[1] // out_chunk)):
+            for ci in range(c0 // plan.in_chunk, -(-c1 // plan.in_chunk)):
+                yield f"c/{ce}/{cp}/0/{ci}/0"
 
     def record_run(self, run: dict[str, Any]) -> None:
         meta = self.meta

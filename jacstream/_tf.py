@@ -25,9 +25,12 @@ from ._memory import PeakTracker  # noqa: E402
 from ._plan import CostModel  # noqa: E402
 from .errors import DeviceError, ModelError  # noqa: E402
 
-__all__ = ["STRATEGIES", "BlockFunction", "fingerprint_model", "prepare_model", "resolve_device"]
+__all__ = ["STRATEGIES", "BlockFunction", "StrategyUnavailable", "fingerprint_model",
+           "prepare_model", "resolve_device", "without_cudnn"]
 
-STRATEGIES = ("pfor", "tile")
+STRATEGIES = ("pfor", "tile", "forward")
+# Forward mode's implementations, in the order validate() tries them.
+FORWARD_IMPLS = ("accumulator", "transpose")
 
 
 # --------------------------------------------------------------------------- devices
@@ -40,8 +43,8 @@ def resolve_device(device: str | None) -> str:
     if not isinstance(device, str):
         raise DeviceError(f"device must be a string such as 'cpu' or 'gpu:0', got {device!r}.")
     want = device.strip().upper().lstrip("/")
-    if want.startswith("DEVICE:"):
-        want = want[len("DEVICE:"):]
+    if "DEVICE:" in want:  # "/device:CPU:0", "/job:localhost/replica:0/task:0/device:CPU:0"
+        want = want.rsplit("DEVICE:", 1)[1]
     if ":" not in want:
         want += ":0"
     for name in logical:
@@ -76,20 +79,36 @@ _POINTWISE = (keras.layers.Dense, keras.layers.Activation, keras.layers.Dropout,
               keras.layers.LayerNormalization)
 
 
-def _rewrite(layer: keras.layers.Layer, on_gpu: bool) -> keras.layers.Layer:
+def _uses_cudnn(layer: keras.layers.Layer) -> bool:
+    """Whether the layer (or an RNN inside it, e.g. Bidirectional's) may pick cuDNN."""
+    return any(getattr(sub, "use_cudnn", False) in (True, "auto")
+               for sub in layer._flatten_layers(include_self=True, recursive=True))
+
+
+def without_cudnn(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """A copy of an RNN layer (or a wrapper of one) that never uses the cuDNN kernel.
+
+    The cuDNN RNN kernel has no pfor converter and no second derivative, so
+    ``pfor`` falls back to a slow loop and ``forward`` fails. The copy has the
+    same weights and runs the generic kernel; ``use_cudnn`` is not part of a
+    Keras 3 layer's config, so it is set on the copy's layers after building.
+    """
+    new = layer.__class__.from_config(layer.get_config())
+    new.build(layer.input.shape)
+    for sub in new._flatten_layers(include_self=True, recursive=True):
+        if hasattr(sub, "use_cudnn"):
+            sub.use_cudnn = False
+    new.set_weights(layer.get_weights())
+    return new
+
+
+def _rewrite(layer: keras.layers.Layer, no_cudnn: bool) -> keras.layers.Layer:
     if isinstance(layer, keras.layers.TimeDistributed) and isinstance(layer.layer, _POINTWISE):
         if not isinstance(layer.layer, keras.layers.LayerNormalization) or \
                 list(np.atleast_1d(layer.layer.axis)) in ([-1], [2]):
             return _Pointwise(layer.layer)
-    if on_gpu and getattr(layer, "use_cudnn", False) not in (False, None):
-        # The cuDNN RNN kernel has no pfor converter and no second derivative:
-        # use the generic kernel, same weights (copied).
-        cfg = layer.get_config()
-        cfg["use_cudnn"] = False
-        new = layer.__class__.from_config(cfg)
-        new.build(layer.input.shape)
-        new.set_weights(layer.get_weights())
-        return new
+    if no_cudnn and _uses_cudnn(layer):
+        return without_cudnn(layer)
     return layer
 
 
@@ -99,23 +118,30 @@ class PreparedModel:
     rewritten: list[str] = field(default_factory=list)
 
 
-def prepare_model(model: Any, sample: np.ndarray, device: str) -> PreparedModel:
+def prepare_model(model: Any, sample: np.ndarray, device: str,
+                  no_cudnn: bool | None = None) -> PreparedModel:
     """A call path for ``model`` that is faster to differentiate and gives identical outputs.
 
     Functional and Sequential Keras models are cloned with shared layers, with
-    ``TimeDistributed(Dense)`` applied pointwise (and cuDNN RNN kernels off on
-    GPU). The clone is used only if its output on ``sample`` equals the
-    original's exactly; otherwise the original model is used.
+    ``TimeDistributed(Dense)`` applied pointwise and, when ``no_cudnn`` (by
+    default: on a GPU), RNN layers copied to run without the cuDNN kernel. The
+    clone is used only if its output on ``sample`` equals the original's
+    (exactly; to float32 rounding where a cuDNN kernel was replaced, since
+    cuDNN sums in another order); otherwise the original model is used.
     """
     if not isinstance(model, keras.Model):
         return PreparedModel(model)
-    on_gpu = ":GPU:" in device
+    if no_cudnn is None:
+        no_cudnn = ":GPU:" in device
     changed: list[str] = []
+    cudnn_replaced = []
 
     def clone_fn(layer: keras.layers.Layer) -> keras.layers.Layer:
-        new = _rewrite(layer, on_gpu)
+        new = _rewrite(layer, no_cudnn)
         if new is not layer:
-            changed.append(f"{layer.__class__.__name__}({layer.name})")
+            changed.append(f"{layer.__class__.__name__}({layer.name})"
+                           + (": no cuDNN" if not isinstance(new, _Pointwise) else ""))
+            cudnn_replaced.append(not isinstance(new, _Pointwise))
         return new
 
     try:
@@ -127,9 +153,40 @@ def prepare_model(model: Any, sample: np.ndarray, device: str) -> PreparedModel:
     with tf.device(device):
         a = np.asarray(model(sample, training=False))
         b = np.asarray(clone(sample, training=False))
-    if a.shape != b.shape or not np.array_equal(a, b):
+    if a.shape != b.shape:
+        return PreparedModel(model)
+    if any(cudnn_replaced):
+        scale = float(np.max(np.abs(a))) if a.size else 0.0
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)):
+            return PreparedModel(model)
+    elif not np.array_equal(a, b):
         return PreparedModel(model)
     return PreparedModel(clone, changed)
+
+
+def model_kind(model: Any, call: Callable[[Any], Any], f_in: int,
+               dtype: tf.DType = tf.float32) -> tuple[str, int]:
+    """``("recurrent" | "feedforward", number of parameters)`` for strategy prediction.
+
+    Keras models are judged by their layers (any RNN is recurrent); other
+    callables by the ops of their traced graph (a while loop is recurrent),
+    their size by the tensors the graph captures.
+    """
+    if isinstance(model, keras.Model):
+        rnn = any(isinstance(sub, _CAUSAL_RNN)
+                  for sub in model._flatten_layers(include_self=False, recursive=True))
+        return ("recurrent" if rnn else "feedforward"), int(model.count_params())
+    try:
+        conc = tf.function(call).get_concrete_function(tf.TensorSpec([None, None, f_in], dtype))
+    except Exception:
+        return "feedforward", 0
+    ops = {op.type for op in conc.graph.get_operations()}
+    for f in conc.graph._functions.values():  # bodies of while loops live in sub-functions
+        ops.update(node.op for node in f.cached_definition.node_def)
+    n = sum(int(v.shape.num_elements() or 0) for v in conc.graph.variables)
+    n += sum(int(t.shape.num_elements() or 0) for t in conc.captured_inputs
+             if t.dtype != tf.resource)
+    return ("recurrent" if ops & {"While", "StatelessWhile"} else "feedforward"), n
 
 
 def fingerprint_model(model: Any) -> str:
@@ -163,20 +220,64 @@ def fingerprint_model(model: Any) -> str:
 
 
 # --------------------------------------------------------------------------- block function
-class BlockFunction:
-    """The Jacobian of a block of output steps, traced once.
+class StrategyUnavailable(ModelError):
+    """A strategy cannot differentiate this model (e.g. forward mode through an op without
+    a forward or second derivative); ``strategy="auto"`` then leaves it out."""
 
-    ``fn(x, idx, in_len)`` with ``x`` of shape ``(examples, T_in, F_in)`` and
-    ``idx`` the block's output steps returns ``d y[:, idx, :] / d x[:, :in_len]``
-    of shape ``(examples, len(idx), F_out, in_len, F_in)``, the output shape the
-    model gave, and the input length it was fed.
+
+class _DevicePeak:
+    """Peak memory of a GPU inside a ``with`` block, above its start (TF's allocator stats)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device.split("device:")[-1]
+        self.start = self.peak = 0
+
+    @property
+    def increase(self) -> int:
+        return max(0, self.peak - self.start)
+
+    def __enter__(self) -> _DevicePeak:
+        tf.config.experimental.reset_memory_stats(self.device)
+        self.start = int(tf.config.experimental.get_memory_info(self.device)["current"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak = int(tf.config.experimental.get_memory_info(self.device)["peak"])
+
+
+def peak_tracker(device: str) -> Any:
+    """Memory tracker for a probe: device memory on a GPU, resident memory on the CPU."""
+    return _DevicePeak(device) if ":GPU:" in device else PeakTracker()
+
+
+class BlockFunction:
+    """The Jacobian of one block, traced once, by one strategy.
+
+    Reverse mode (``"pfor"``, ``"tile"``): ``fn(x, idx, in_len)`` with ``x`` of
+    shape ``(examples, T_in, F_in)`` and ``idx`` the block's output steps returns
+    ``d y[:, idx, :] / d x[:, :in_len]`` of shape ``(examples, len(idx), F_out,
+    in_len, F_in)``, the output shape the model gave and the input length it was
+    fed. Forward mode (``"forward"``): ``fn(x, idx, in_len, (t0, t1))`` returns
+    the columns ``d y[:, idx, :] / d x[:, t0:t1]``, shape ``(examples, len(idx),
+    F_out, t1 - t0, F_in)``, feeding the model ``x[:, :in_len]``.
+
+    * ``pfor``: ``batch_jacobian`` of the block (vectorised reverse mode).
+    * ``tile``: ``len(idx) * F_out`` copies of each example and one ordinary
+      gradient of ``sum(y * one_hot)``; copy r yields row r. Needs examples
+      that do not interact (checked before).
+    * ``forward``: ``(t1 - t0) * F_in`` copies of each example, each carrying a
+      one-hot tangent, and one Jacobian-vector product for all of them. It is
+      done with ``tf.autodiff.ForwardAccumulator`` where that can trace the
+      model ("accumulator"), else as the transpose of a vector-Jacobian product
+      (``d/du <J^T u, v>``: two reverse passes, "transpose"), which also works
+      through Keras RNN loops where the accumulator fails (TensorList ops have
+      no forward rule). :meth:`validate` picks the implementation.
 
     Normally the input length and the number of steps are dynamic in the traced
     signature, so one trace serves every block, the shorter last block and
-    causal truncation (the model is fed only ``x[:, :in_len]``). Models that
-    misbehave on a dynamic time axis are detected by :meth:`validate` and run
-    with static shapes instead: full-length inputs and blocks padded to one
-    length, so still one or two traces.
+    causal truncation. Models that misbehave on a dynamic time axis are detected
+    by :meth:`validate` and run with static shapes instead: full-length inputs
+    and blocks padded to one length, so still one or two traces.
     """
 
     def __init__(self, call: Callable[[Any], Any], strategy: str, f_in: int, f_out: int,
@@ -186,12 +287,29 @@ class BlockFunction:
         self.call = call
         self.strategy = strategy
         self.device = device
+        self.dtype = dtype
+        self.f_in = int(f_in)
         self.f_out = int(f_out)
+        self.impl = FORWARD_IMPLS[0] if strategy == "forward" else strategy
+        self.notes: list[str] = []  # why implementations were passed over, by validate()
+        self.t_out = 0              # output steps at full length, set by validate()
         self.traces = 0
         self.static = False
-        self.static_block = 1
-        body = self._pfor if strategy == "pfor" else self._tile
-        sig = [tf.TensorSpec([None, None, f_in], dtype), tf.TensorSpec([None], tf.int32)]
+        self.static_block = 1       # static mode: block length to pad to (plan.block_size)
+        self.static_idx = 0         # static forward mode: output positions to pad to
+        self._build()
+
+    @property
+    def forward_mode(self) -> bool:
+        return self.strategy == "forward"
+
+    def _build(self) -> None:
+        body = {"pfor": self._pfor, "tile": self._tile, "accumulator": self._fwd_accumulator,
+                "transpose": self._fwd_transpose}[self.impl]
+        sig = [tf.TensorSpec([None, None, self.f_in], self.dtype),
+               tf.TensorSpec([None], tf.int32)]
+        if self.forward_mode:
+            sig += [tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)]
         self._dynamic_fn = tf.function(body, input_signature=sig)
         self._static_fn = tf.function(body, reduce_retracing=False)
 
@@ -201,6 +319,7 @@ class BlockFunction:
         # Taken inside the tape: a slice taken outside gives None gradients.
         return tf.gather(y, idx, axis=1), tf.shape(y)
 
+    # -- reverse mode -----------------------------------------------------
     def _pfor(self, x: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         self.traces += 1
         with tf.GradientTape() as tape:
@@ -231,58 +350,182 @@ class BlockFunction:
         yshape = tf.tensor_scatter_nd_update(yshape, [[0]], [b])
         return tf.reshape(g, [b, k, self.f_out, length, f_in]), yshape
 
-    def __call__(self, x: np.ndarray, idx: np.ndarray,
-                 in_len: int | None = None) -> tuple[np.ndarray, tuple[int, ...], int]:
+    # -- forward mode -----------------------------------------------------
+    def _tangents(self, x: tf.Tensor, t0: tf.Tensor,
+                  t1: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(t1-t0)*F_in`` copies of each example and their one-hot tangents."""
+        b, length = tf.shape(x)[0], tf.shape(x)[1]
+        n = t1 - t0
+        r = n * self.f_in
+        xt = tf.repeat(x, r, axis=0)
+        one_hot = tf.reshape(tf.eye(r, dtype=x.dtype), [r, n, self.f_in])
+        tangent = tf.tile(tf.pad(one_hot, [[0, 0], [t0, length - t1], [0, 0]]), [b, 1, 1])
+        return xt, tangent, b, n
+
+    def _columns(self, jvp: tf.Tensor | None, yshape: tf.Tensor, b: tf.Tensor, n: tf.Tensor,
+                 idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        if jvp is None:
+            raise ModelError(_NO_GRADIENT)
+        k = tf.shape(idx)[0]
+        jac = tf.transpose(tf.reshape(jvp, [b, n, self.f_in, k, self.f_out]), [0, 3, 4, 1, 2])
+        return jac, tf.tensor_scatter_nd_update(yshape, [[0]], [b])
+
+    def _fwd_accumulator(self, x: tf.Tensor, idx: tf.Tensor, t0: tf.Tensor,
+                         t1: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        self.traces += 1
+        xt, tangent, b, n = self._tangents(x, t0, t1)
+        with tf.autodiff.ForwardAccumulator(xt, tangent) as acc:
+            yb, yshape = self._forward(xt, idx)
+        return self._columns(acc.jvp(yb), yshape, b, n, idx)
+
+    def _fwd_transpose(self, x: tf.Tensor, idx: tf.Tensor, t0: tf.Tensor,
+                       t1: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        # J v = d/du <J^T u, v>: J^T u is linear in u, so its derivative along v
+        # does not depend on u (zeros here) and is exact.
+        self.traces += 1
+        xt, tangent, b, n = self._tangents(x, t0, t1)
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(xt)
+                yb, yshape = self._forward(xt, idx)
+            u = tf.zeros_like(yb)
+            outer.watch(u)
+            vjp = inner.gradient(yb, xt, output_gradients=u)
+        if vjp is None:
+            raise ModelError(_NO_GRADIENT)
+        return self._columns(outer.gradient(vjp, u, output_gradients=tangent), yshape, b, n, idx)
+
+    # -- calling ----------------------------------------------------------
+    def __call__(self, x: np.ndarray, idx: np.ndarray, in_len: int | None = None,
+                 in_steps: tuple[int, int] | None = None,
+                 ) -> tuple[np.ndarray, tuple[int, ...], int]:
         k = len(idx)
         full = x.shape[1]
         in_len = full if in_len is None else in_len
         idx = np.asarray(idx, dtype=np.int32)
+        extra: tuple[int, ...] = ()
+        skip = 0  # leading columns computed only to keep a static shape
+        if self.forward_mode:
+            if in_steps is None:
+                raise ValueError("strategy 'forward' computes blocks of input steps: pass "
+                                 "in_steps=(t0, t1) (Block.in_steps of a forward-mode plan).")
+            t0, t1 = (int(s) for s in in_steps)
+            if self.static:
+                c0 = min(t0, max(0, t1 - self.static_block))
+                skip, t0 = t0 - c0, c0
+            extra = (t0, t1)
         if self.static:
             fed = full
-            if k < self.static_block:
-                idx = np.concatenate([idx, np.repeat(idx[-1:], self.static_block - k)])
+            pad_to = self.static_idx if self.forward_mode else self.static_block
+            if k < pad_to:
+                idx = np.concatenate([idx, np.repeat(idx[-1:], pad_to - k)])
             fn = self._static_fn
         else:
             fed = in_len
             x = x[:, :in_len]
             fn = self._dynamic_fn
         with tf.device(self.device):
+            # Offsets go in as tensors: Python ints would retrace the static function.
             jac, yshape = fn(tf.convert_to_tensor(np.ascontiguousarray(x)),
-                             tf.convert_to_tensor(idx))
+                             tf.convert_to_tensor(idx),
+                             *(tf.constant(v, tf.int32) for v in extra))
         out = jac.numpy()
         if self.static:
-            out = out[:, :k, :, :in_len]
+            out = out[:, :k, :, skip:] if self.forward_mode else out[:, :k, :, :in_len]
         return out, tuple(int(s) for s in yshape.numpy()), fed
+
+    def _tiny(self, x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...], int]:
+        """One row (reverse) or one column (forward) of the Jacobian: traces the function."""
+        if self.forward_mode:
+            return self(x, np.array([0]), x.shape[1], (0, 1))
+        return self(x, np.array([0]))
 
     def validate(self, sample: np.ndarray, short: np.ndarray,
                  short_shape: tuple[int, ...]) -> int:
-        """Check the traced function against an eager forward pass; return T_out.
+        """Trace the function, check it against an eager forward pass; return T_out.
 
         The dynamic signature must give, on the short sample, the output shape the
         eager model gave; otherwise (e.g. Keras TimeDistributed on a dynamic time
-        axis) the function switches to static shapes.
+        axis) the function switches to static shapes. Forward mode tries the
+        ForwardAccumulator first, then the transpose of reverse mode; what failed
+        is kept in :attr:`notes`. Raises :class:`StrategyUnavailable` when forward
+        mode cannot differentiate the model at all.
         """
-        try:
-            _, ys, _ = self(short, np.array([0]))
-            if ys != tuple(short_shape):
-                raise ValueError(f"traced output shape {ys} != eager {tuple(short_shape)}")
-            _, yfull, _ = self(sample, np.array([0]))
-        except ModelError:
-            raise
-        except Exception:
-            self.static = True
-            self.traces = 0
-            _, yfull, _ = self(sample, np.array([0]))
-        if len(yfull) != 3 or yfull[0] != sample.shape[0] or yfull[2] != self.f_out:
-            raise ModelError(f"the model returned outputs of shape {yfull} for inputs of shape "
-                             f"{sample.shape}; expected (batch, steps, {self.f_out}).")
-        return int(yfull[1])
+        impls = FORWARD_IMPLS if self.forward_mode else (self.impl,)
+        failures: list[str] = []
+        last: Exception | None = None
+        for static in (False, True):
+            for impl in impls:
+                self.impl, self.static, self.traces = impl, static, 0
+                self._build()
+                try:
+                    if not static:
+                        _, ys, _ = self._tiny(short)
+                        if ys != tuple(short_shape):
+                            raise ValueError(f"traced output shape {ys} != eager "
+                                             f"{tuple(short_shape)}")
+                    _, yfull, _ = self._tiny(sample)
+                    if self.forward_mode:
+                        self._check_forward(sample if static else short)
+                except ModelError as e:
+                    if not self.forward_mode:
+                        raise
+                    last = e  # e.g. no forward derivative: reverse mode may still work
+                    failures.append(f"{impl}: {_first_line(e)}")
+                    continue
+                except Exception as e:
+                    last = e
+                    failures.append(f"{impl}{' (static shapes)' if static else ''}: "
+                                    f"{type(e).__name__}: {_first_line(e)}")
+                    continue
+                if len(yfull) != 3 or yfull[0] != sample.shape[0] or yfull[2] != self.f_out:
+                    raise ModelError(f"the model returned outputs of shape {yfull} for inputs "
+                                     f"of shape {sample.shape}; expected (batch, steps, "
+                                     f"{self.f_out}).")
+                self.notes = failures
+                self.t_out = int(yfull[1])
+                return self.t_out
+        if not self.forward_mode and last is not None:
+            raise last
+        raise StrategyUnavailable(
+            f"strategy={self.strategy!r} cannot differentiate this model: "
+            + "; ".join(failures) + ". Use strategy='pfor' or 'tile' (or 'auto').") from last
+
+    def _check_forward(self, x: np.ndarray) -> None:
+        """Raise ModelError unless forward mode agrees with a reverse-mode gradient.
+
+        A weighted sum of the first input step's columns must equal the gradient
+        of the same weighted sum of the outputs (one ordinary backward pass):
+        forward mode through an op with a custom or incomplete derivative could
+        otherwise give zeros or wrong values without an error.
+        """
+        length = x.shape[1]
+        cols, _, _ = self(x, np.arange(length), length, (0, 1))   # (b, T, F_out, 1, F_in)
+        w = np.random.default_rng(3).uniform(0.5, 1.5, size=cols.shape[1:3]).astype(x.dtype)
+        fwd = np.einsum("btfj,tf->bj", cols[:, :, :, 0, :], w)
+        xt = tf.constant(x)
+        with tf.device(self.device), tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = self.call(xt, training=False) if isinstance(self.call, keras.Model) \
+                else self.call(xt)
+            total = tf.reduce_sum(tf.convert_to_tensor(y) * w)
+        g = tape.gradient(total, xt)
+        rev = np.zeros_like(fwd) if g is None else np.asarray(g)[:, 0, :]
+        scale = max(float(np.max(np.abs(rev))), float(np.max(np.abs(fwd))), 1e-30)
+        if not np.allclose(fwd, rev, rtol=1e-4, atol=1e-5 * scale):
+            raise ModelError(
+                f"forward mode ({self.impl}) disagrees with reverse mode on this model (by up "
+                f"to {float(np.max(np.abs(fwd - rev))):.3g}, scale {scale:.3g}): an op with a "
+                "custom or incomplete derivative")
 
     def probe_cost(self, x: np.ndarray, max_len: int = 256) -> CostModel:
         """Measure the memory cost model with two small blocks (no extra trace).
 
         Probes on a prefix of ``max_len`` steps; a model that only accepts its
-        full length is probed at full length with smaller blocks.
+        full length is probed at full length with smaller blocks. On a GPU the
+        device's own allocator statistics are measured
+        (``tf.config.experimental.get_memory_info``), so the budget bounds
+        device memory; on the CPU, resident memory.
         """
         if self.static:
             return CostModel()
@@ -293,22 +536,48 @@ class BlockFunction:
         except Exception:
             return self._probe(x, x.shape[1], 2)
 
+    def _probe_block(self, xs: np.ndarray, k: int) -> None:
+        length = xs.shape[1]
+        if self.forward_mode:
+            self(xs, np.arange(length, dtype=np.int32), length, (0, min(k, length)))
+        else:
+            self(xs, np.arange(min(k, length), dtype=np.int32))
+
     def _probe(self, x: np.ndarray, length: int, k_max: int) -> CostModel:
         xs = np.ascontiguousarray(x[:, :length])
         k2 = max(2, min(k_max, length))
-        self(xs, np.arange(1, dtype=np.int32))  # warm up: trace, allocate
+        self._probe_block(xs, 1)  # warm up: trace, allocate
         peaks = []
         for k in (1, k2):
-            with PeakTracker() as t:
-                self(xs, np.arange(min(k, length), dtype=np.int32))
+            with peak_tracker(self.device) as t:
+                self._probe_block(xs, k)
             peaks.append(t.increase)
         b = x.shape[0]
-        f_out = self.f_out
-        per_row = max(0.0, (peaks[1] - peaks[0]) / ((k2 - 1) * f_out * b * length))
-        per_step = max(0.0, (peaks[0] - per_row * f_out * b * length) / (b * length))
+        # rows of the Jacobian per block step: output features (reverse), input features
+        # (forward: tangents)
+        unit = self.f_in if self.forward_mode else self.f_out
+        per_row = max(0.0, (peaks[1] - peaks[0]) / ((k2 - 1) * unit * b * length))
+        per_step = max(0.0, (peaks[0] - per_row * unit * b * length) / (b * length))
         # Safety factors: allocator slack and temporaries that small probes miss.
         return CostModel(fixed=32 * 2**20, per_step=1.5 * per_step + 256,
                          per_row_step=1.25 * per_row + 64, measured=True)
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of a (TF / Keras wrapped) error message that says what went wrong."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    keep = []
+    for line in (ln.strip() for ln in text.splitlines()):
+        if not line or line.startswith(("in user code", "File ", "\u2022", "Arguments received")):
+            continue
+        keep.append(line)
+    # Keras wraps the cause: "XError: Exception encountered when calling L.call()." + cause
+    for i, line in enumerate(keep):
+        if "Exception encountered when calling" in line and i + 1 < len(keep):
+            return f"{keep[i + 1]} (in {line.split('calling ')[-1].rstrip('.')})"[:300]
+    return (keep[-1] if keep else type(e).__name__)[:300]
 
 
 _NO_GRADIENT = (

@@ -1,0 +1,410 @@
+"""Strategies: forward mode on the model table, strategy="auto", storage dtypes, devices.
+
+pfor and tile run the whole exactness table in test_core.py; here forward mode
+does, with its own blocking (blocks of input steps), and "auto" is checked
+for what it records and keeps.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import (
+    CAUSAL_MODELS,
+    NONCAUSAL_MODELS,
+    assert_jacobian_close,
+    build_model,
+    reference_jacobian,
+)
+
+import jacstream
+from jacstream import _strategy
+from jacstream._plan import CostModel, Plan, make_plan
+from jacstream.errors import DeviceError, InputError, NonFiniteError
+
+T = 23  # the model_case fixture's sequence length
+ALL_MODELS = CAUSAL_MODELS + NONCAUSAL_MODELS
+
+
+@pytest.fixture(autouse=True)
+def _fresh_strategy_cache():
+    _strategy.clear_cache()
+    yield
+    _strategy.clear_cache()
+
+
+def _wide_conv():
+    """F_in=1 -> F_out=6: forward mode has 6x fewer columns than reverse mode has rows."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    L = keras.layers
+    return keras.Sequential([keras.Input((None, 1)),
+                             L.Conv1D(8, 3, padding="causal", activation="tanh"),
+                             L.Dense(6)])
+
+
+# --------------------------------------------------------------------------- forward mode
+@pytest.mark.parametrize("model_case", ALL_MODELS, indirect=True)
+def test_forward_matches_batch_jacobian(model_case, tmp_path):
+    model, x, ref, _ = model_case
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="forward", block_size=5,
+                           progress=False)
+    assert J.plan.strategy == "forward" and J.plan.axis == "in" and J.complete
+    assert J.attrs["strategy_choice"]["forward_impl"] in ("accumulator", "transpose")
+    assert_jacobian_close(J[...], ref, "forward")
+
+
+@pytest.mark.parametrize(("name", "out_steps", "block_size", "epb"), [
+    ("lstm_dense", [0, 5, 6, 22], 4, None),      # causal: early columns skip early rows
+    ("stacked", slice(3, 20, 2), 3, 2),          # F_in=3, F_out=2, slabs of examples
+    ("conv_same", -1, 7, None),                  # non-causal, one output step
+])
+def test_forward_blockings_match_batch_jacobian(name, out_steps, block_size, epb, tmp_path):
+    model, f_in, _, _ = build_model(name)
+    x = np.random.default_rng(4).normal(size=(3, T, f_in)).astype("float32")
+    ref = reference_jacobian(model, x)
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="forward",
+                           block_size=block_size, examples_per_block=epb,
+                           out_steps=out_steps, progress=False)
+    assert_jacobian_close(J[...], ref[:, J.out_steps], f"{name} {out_steps}")
+
+
+def test_forward_trace_count_does_not_grow_with_blocks(tmp_path):
+    model, f_in, _, _ = build_model("conv_causal")
+    x = np.random.default_rng(1).normal(size=(2, T, f_in)).astype("float32")
+    few = jacstream.jacobian(model, x, tmp_path / "a.zarr", strategy="forward", block_size=12,
+                             progress=False)
+    many = jacstream.jacobian(model, x, tmp_path / "b.zarr", strategy="forward", block_size=2,
+                              out_steps=[3, 9, 22], progress=False)
+    assert few.n_blocks == 2 and many.n_blocks == 12
+    assert few.stats["traces"] == many.stats["traces"] == 1
+
+
+def test_forward_on_a_model_that_needs_static_shapes(tmp_path):
+    import keras
+
+    class Subclassed(keras.Model):  # cannot be cloned: its TimeDistributed stays, static shapes
+        def __init__(self):
+            super().__init__()
+            self.rnn = keras.layers.GRU(4, return_sequences=True)
+            self.td = keras.layers.TimeDistributed(keras.layers.Dense(3))
+
+        def call(self, x, training=False):
+            return self.td(self.rnn(x))
+
+    keras.utils.set_random_seed(2)
+    model = Subclassed()
+    x = np.random.default_rng(2).normal(size=(2, 13, 1)).astype("float32")
+    ref = reference_jacobian(model, x)
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="forward", block_size=4,
+                           out_steps=[2, 7, 12], causal=True, progress=False)
+    assert J.stats["traces"] <= 3
+    assert_jacobian_close(J[...], ref[:, [2, 7, 12]], "forward, static shapes")
+
+
+def test_forward_implementation_is_recorded_with_why(tmp_path):
+    x = np.random.default_rng(0).normal(size=(2, 12, 2)).astype("float32")
+    conv, *_ = build_model("conv_causal")
+    lstm, *_ = build_model("gru")
+    a = jacstream.jacobian(conv, x, tmp_path / "a.zarr", strategy="forward", progress=False)
+    b = jacstream.jacobian(lstm, x, tmp_path / "b.zarr", strategy="forward", progress=False)
+    assert a.attrs["strategy_choice"]["forward_impl"] == "accumulator"
+    # ForwardAccumulator cannot trace Keras' RNN loop (TensorList ops): the transpose of
+    # reverse mode takes over, and the failure is kept.
+    rec = b.attrs["strategy_choice"]
+    assert rec["forward_impl"] == "transpose"
+    assert any(n.startswith("accumulator") and "variant" in n for n in rec["notes"]), rec
+
+
+def test_forward_plan_blocks_cover_the_needed_columns_once():
+    steps = list(range(0, 1000, 7))
+    p = make_plan((4, 1000, 2), (4, 1000, 3), out_steps=steps, block_size=64,
+                  examples_per_block=3, causal=True, strategy="forward")
+    assert p.axis == "in" and p.in_chunk == 64 and p.chunks[3] == 64
+    out_chunk = p.chunks[1]
+    needed = steps[-1] + 1
+    assert p.n_blocks == -(-needed // 64) * 2
+    covered = np.zeros((4, needed), int)
+    for b in p.blocks:
+        (e0, e1), (p0, p1), (c0, c1) = b.examples, b.positions, b.columns
+        assert b.in_len == max(needed, c1) and c0 % 64 == 0 and p0 % out_chunk == 0
+        assert p1 == len(steps)
+        # rows left out are exactly zero in a causal model: outputs before the block's inputs
+        assert all(s < c0 for s in steps[:p0])
+        assert p0 <= bisect.bisect_left(steps, c0) < p0 + out_chunk   # first row that depends
+        covered[e0:e1, c0:c1] += 1
+    assert (covered == 1).all()
+    # a plan stored before forward mode existed still loads, as reverse mode
+    d = make_plan((2, 50, 1), (2, 50, 1), block_size=10).to_dict()
+    del d["axis"], d["out_chunk"]
+    old = Plan.from_dict(d)
+    assert old.axis == "out" and old.chunks[1] == 10 and old.n_blocks == 5
+    with pytest.raises(InputError, match="in_chunk"):
+        make_plan((2, 50, 1), (2, 50, 1), block_size=10, in_chunk=20, strategy="forward")
+
+
+def test_forward_budget_counts_tangent_copies():
+    cost = CostModel(fixed=0, per_step=1000, per_row_step=1000, measured=True)
+    fwd = make_plan((10, 1000, 1), (10, 1000, 4), memory_budget="200MiB", cost=cost,
+                    strategy="forward")
+    assert fwd.estimated_peak <= 200 * 2**20 * 0.8
+    assert fwd.block_peak(fwd.block(0)) == fwd.estimated_peak
+    bigger = make_plan((10, 1000, 1), (10, 1000, 4), memory_budget="800MiB", cost=cost,
+                       strategy="forward")
+    assert bigger.block_size > fwd.block_size
+
+
+def test_forward_resume_recomputes_only_missing_blocks(tmp_path):
+    model, f_in, _, _ = build_model("lstm_dense")
+    x = np.random.default_rng(5).normal(size=(3, T, f_in)).astype("float32")
+    path = tmp_path / "j.zarr"
+    J = jacstream.jacobian(model, x, path, strategy="forward", block_size=5, progress=False)
+    full = J[...]
+    for i in (1, 3):  # as if the run had died before these blocks were marked done
+        os.remove(path / "jacstream_blocks" / f"{i:08d}.done")
+    again = jacstream.jacobian(model, x, path, progress=False)   # strategy from the store
+    assert sorted(again.stats["computed_blocks"]) == [1, 3] and again.complete
+    np.testing.assert_array_equal(again[...], full)
+    assert again.plan.strategy == "forward"
+
+
+# --------------------------------------------------------------------------- auto
+def test_auto_records_choice_and_is_exact(tmp_path):
+    model, f_in, _, _ = build_model("lstm_dense")
+    x = np.random.default_rng(6).normal(size=(3, T, f_in)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", progress=False)
+    rec = J.attrs["strategy_choice"]
+    assert rec["strategy"] == J.plan.strategy == J.stats["strategy"]
+    assert rec["strategy"] in rec["trial_seconds"] and rec["reason"].startswith(rec["strategy"])
+    assert set(rec["predicted_seconds"]) == {"pfor", "tile"}   # F_in == F_out: no forward
+    assert rec["model_kind"] == "recurrent"
+    assert_jacobian_close(J[...], reference_jacobian(model, x), "auto")
+
+
+def test_auto_trial_times_every_candidate_and_keeps_their_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(_strategy, "TRIAL_SHARE", float("inf"))   # try everything
+    model = _wide_conv()
+    x = np.random.default_rng(7).normal(size=(3, 16, 1)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", block_size=4, progress=False)
+    rec = J.attrs["strategy_choice"]
+    assert set(rec["trial_seconds"]) == {"pfor", "tile", "forward"}
+    assert all(t > 0 for t in rec["trial_seconds"].values())
+    assert rec["reason"].startswith(f"{J.plan.strategy}: fastest in the timed trial")
+    # trial blocks on the chosen blocking were written, not computed again
+    kept = {b for s, b in rec["trial_blocks"].items()
+            if (s == "forward") == (J.plan.strategy == "forward")}
+    assert kept and sorted(J.stats["blocks_from_trial"]) == sorted(kept)
+    assert sorted(J.stats["computed_blocks"]) == list(range(J.n_blocks))
+    assert_jacobian_close(J[...], reference_jacobian(model, x), "auto, all tried")
+    # the same model and shapes again: the cached choice, no new trial
+    J2 = jacstream.jacobian(model, x, tmp_path / "k.zarr", block_size=4, progress=False)
+    rec2 = J2.attrs["strategy_choice"]
+    assert rec2["cached"] is True and rec2["strategy"] == rec["strategy"]
+    assert "chosen earlier in this process" in rec2["reason"]
+    np.testing.assert_array_equal(J2[...], J[...])
+
+
+def test_auto_skips_trials_a_short_job_cannot_pay_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(_strategy, "TRIAL_SHARE", 0.0)
+    model = _wide_conv()
+    x = np.random.default_rng(8).normal(size=(2, 12, 1)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", progress=False)
+    rec = J.attrs["strategy_choice"]
+    assert list(rec["trial_seconds"]) == [J.plan.strategy]
+    assert sum("not tried" in n for n in rec["notes"]) == 2
+    assert_jacobian_close(J[...], reference_jacobian(model, x), "auto, one tried")
+
+
+def _shapes(t, f_in=1, f_out=1, kind="recurrent", n_params=4385):
+    return _strategy.Shapes(10, t, f_in, f_out, tuple(range(t)), True, kind, n_params)
+
+
+def test_predictions_follow_the_measured_crossovers():
+    def first(s):
+        names, _ = _strategy.candidates(s)
+        return min(names, key=lambda c: sum(_strategy.predict(c, s)))
+
+    # shared/NOTES reference model: tile's fast trace wins short jobs, pfor long ones
+    assert first(_shapes(300)) == "tile"
+    assert first(_shapes(1000)) == "pfor"
+    # many output features, one input feature: forward mode
+    assert first(_shapes(1000, f_in=1, f_out=64, kind="feedforward", n_params=50_000)) \
+        == "forward"
+    names, notes = _strategy.candidates(_shapes(300, f_in=4, f_out=1))
+    assert names == ["pfor", "tile"] and "forward not considered" in notes[0]
+
+
+class _FakeFn:
+    def __init__(self, strategy, seconds_per_step):
+        self.strategy, self.seconds, self.notes, self.impl = strategy, seconds_per_step, [], "x"
+
+
+def test_choose_picks_the_fastest_measured_and_skips_unavailable():
+    class StrategyUnavailable(Exception):
+        pass
+
+    speeds = {"pfor": 0.002, "tile": 0.0005}
+
+    def build(name):
+        if name == "forward":
+            raise StrategyUnavailable("no forward derivative")
+        return _FakeFn(name, speeds[name])
+
+    def plan_for(fn):
+        return make_plan((4, 40, 1), (4, 40, 1), block_size=10, strategy=fn.strategy)
+
+    ran = []
+
+    def run_block(fn, plan, block):
+        ran.append((fn.strategy, block.index))
+        time.sleep(fn.seconds * (block.positions[1] - block.positions[0]))
+        return ("data", block.index)
+
+    s = _shapes(40, f_out=8)     # forward is a candidate (fewer columns than rows)
+    choice = _strategy.choose(["pfor", "tile", "forward"], s, build=build, plan_for=plan_for,
+                              run_block=run_block, trial_share=float("inf"))
+    assert choice.strategy == "tile"
+    assert any("forward unavailable" in n for n in choice.record["notes"])
+    # both trials ran on different blocks of the same blocking: both are kept
+    assert len({b for _, b in ran}) == 2 and set(choice.precomputed) == {b for _, b in ran}
+
+
+# --------------------------------------------------------------------------- storage dtypes
+@pytest.fixture(scope="module")
+def f32_job(tmp_path_factory):
+    model, f_in, _, _ = build_model("stacked")
+    x = np.random.default_rng(9).normal(size=(2, 15, f_in)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path_factory.mktemp("f32") / "j.zarr", block_size=5,
+                           progress=False)
+    return model, x, J[...]
+
+
+# Documented bounds (jacstream/_dtypes.py): round-to-nearest, relative 2**-11 (float16,
+# plus half its smallest subnormal, 2**-25, below its normal range) and 2**-8 (bfloat16).
+@pytest.mark.parametrize(("dtype", "rel", "floor"), [("float16", 2.0**-11, 2.0**-25),
+                                                     ("bfloat16", 2.0**-8, 0.0)])
+def test_reduced_precision_storage_within_documented_error(f32_job, dtype, rel, floor,
+                                                           tmp_path):
+    model, x, j32 = f32_job
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", block_size=5, dtype=dtype,
+                           progress=False)
+    got = J[...]
+    assert J.dtype.itemsize == 2 and str(J.dtype) == dtype
+    meta = json.loads((tmp_path / "j.zarr" / "jacobian" / "zarr.json").read_text())
+    assert meta["data_type"] == dtype
+    err = np.abs(got.astype(np.float32) - j32)
+    assert (err <= rel * np.abs(j32) + floor).all(), float(np.max(err / (np.abs(j32) + 1e-30)))
+    # a fresh process reads it back through jacstream.open (which registers bfloat16)
+    code = ("import sys, numpy as np, jacstream\n"
+            "J = jacstream.open(sys.argv[1])\n"
+            "print(np.asarray(J[...], dtype=np.float32).tobytes().hex())\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "j.zarr")],
+                         capture_output=True, text=True, check=True)
+    assert bytes.fromhex(out.stdout.strip()) == got.astype(np.float32).tobytes()
+
+
+def test_float16_refuses_values_it_would_store_as_inf(tmp_path):
+    x = np.ones((2, 4, 1), dtype="float32")
+    with pytest.raises(NonFiniteError, match="float16"):
+        jacstream.jacobian(lambda v: 1e5 * v, x, tmp_path / "j.zarr", dtype="float16",
+                           progress=False)
+    J = jacstream.jacobian(lambda v: 1e5 * v, x, tmp_path / "k.zarr", dtype="bfloat16",
+                           progress=False)
+    assert float(J[0, 1, 0, 1, 0]) == pytest.approx(1e5, rel=2.0**-8)
+
+
+# --------------------------------------------------------------------------- devices
+@pytest.mark.parametrize("name", ["cpu", "CPU", "CPU:0", "cpu:0", "/device:CPU:0",
+                                  "/job:localhost/replica:0/task:0/device:CPU:0"])
+def test_cpu_device_names_resolve(name):
+    from jacstream import _tf
+
+    assert _tf.resolve_device(name).endswith("device:CPU:0")
+
+
+def test_missing_devices_raise_device_error():
+    import tensorflow as tf
+
+    from jacstream import _tf
+
+    bad = ["tpu", "cpu:7", "potato"] + ([] if tf.config.list_logical_devices("GPU") else
+                                        ["gpu", "GPU:0", "/device:GPU:0"])
+    for name in bad:
+        with pytest.raises(DeviceError, match="does not exist here"):
+            _tf.resolve_device(name)
+    with pytest.raises(DeviceError, match="string"):
+        _tf.resolve_device(0)
+    assert isinstance(DeviceError("x"), ValueError)
+
+
+def test_memory_probe_measures_the_device_it_runs_on():
+    from jacstream import _memory, _tf
+
+    assert isinstance(_tf.peak_tracker("/job:localhost/replica:0/task:0/device:CPU:0"),
+                      _memory.PeakTracker)
+    gpu = _tf.peak_tracker("/job:localhost/replica:0/task:0/device:GPU:0")
+    assert isinstance(gpu, _tf._DevicePeak) and gpu.device == "GPU:0"
+
+
+@pytest.fixture(scope="module")
+def rnn_zoo():
+    import keras
+
+    keras.utils.set_random_seed(11)
+    L = keras.layers
+    inp = keras.Input((None, 2))
+    h = L.LSTM(5, return_sequences=True)(inp)
+    h = L.Bidirectional(L.GRU(3, return_sequences=True))(h)
+    return keras.Model(inp, L.TimeDistributed(L.Dense(2))(h))
+
+
+def test_cudnn_rewrite_runs_on_cpu_with_identical_outputs(rnn_zoo):
+    from jacstream import _tf
+
+    x = np.random.default_rng(12).normal(size=(2, 9, 2)).astype("float32")
+    prepared = _tf.prepare_model(rnn_zoo, x, _tf.resolve_device("cpu"), no_cudnn=True)
+    assert sum("no cuDNN" in r for r in prepared.rewritten) == 2   # LSTM, Bidirectional(GRU)
+    rnns = [sub for layer in prepared.call.layers
+            for sub in layer._flatten_layers(include_self=True, recursive=True)
+            if hasattr(sub, "use_cudnn")]
+    assert len(rnns) == 3 and all(r.use_cudnn is False for r in rnns)
+    # the caller's model is untouched
+    assert all(sub.use_cudnn == "auto" for layer in rnn_zoo.layers
+               for sub in layer._flatten_layers(include_self=True, recursive=True)
+               if hasattr(sub, "use_cudnn"))
+    np.testing.assert_array_equal(np.asarray(prepared.call(x)), np.asarray(rnn_zoo(x)))
+    # by default (on the CPU) only the TimeDistributed head is rewritten
+    default = _tf.prepare_model(rnn_zoo, x, _tf.resolve_device("cpu"))
+    assert not any("no cuDNN" in r for r in default.rewritten)
+
+
+def test_jacobian_on_named_cpu_device(rnn_zoo, tmp_path):
+    x = np.random.default_rng(13).normal(size=(2, 9, 2)).astype("float32")
+    J = jacstream.jacobian(rnn_zoo, x, tmp_path / "j.zarr", device="/device:CPU:0",
+                           strategy="tile", progress=False)
+    assert J.attrs["device"].endswith("CPU:0") and J.attrs["runs"][-1]["device"].endswith("CPU:0")
+    assert_jacobian_close(J[...], reference_jacobian(rnn_zoo, x), "device=/device:CPU:0")
+
+
+@pytest.mark.gpu
+def test_gpu_result_matches_cpu(rnn_zoo, tmp_path):
+    import tensorflow as tf
+
+    if not tf.config.list_logical_devices("GPU"):
+        pytest.skip("no GPU visible to TensorFlow")
+    x = np.random.default_rng(14).normal(size=(2, 30, 2)).astype("float32")
+    cpu = jacstream.jacobian(rnn_zoo, x, tmp_path / "c.zarr", device="cpu", progress=False)
+    for strategy in ("pfor", "tile", "forward"):
+        gpu = jacstream.jacobian(rnn_zoo, x, tmp_path / f"{strategy}.zarr", device="gpu",
+                                 strategy=strategy, progress=False)
+        assert ":GPU:" in gpu.attrs["device"]
+        assert any("no cuDNN" in r for r in gpu.attrs["model_rewrites"])
+        assert_jacobian_close(gpu[...], cpu[...], f"GPU {strategy} vs CPU")

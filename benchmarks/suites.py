@@ -42,6 +42,7 @@ def full() -> list[Case]:
     ref = REFERENCE
     cases = cases_for(ref, ["jacstream"], REFERENCE_TS, timeouts={10000: 2400.0})
     cases += cases_for(ref, JACSTREAM_VARIANTS, (300, 1000))
+    cases += cases_for(ref, ["jacstream-nullsink"], (3000,))  # writer hidden behind compute?
     cases += cases_for(ref, TORCH_METHODS, REFERENCE_TS)
     cases += cases_for(ref, TF_BASELINES, REFERENCE_TS)
     others = [Workload("lstm-wide", "lstm", T=300, F_in=8, F_out=8),

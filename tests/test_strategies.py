@@ -163,7 +163,7 @@ def test_forward_budget_counts_tangent_copies():
 
 
 def test_forward_resume_recomputes_only_missing_blocks(tmp_path):
-    model, f_in, _, _ = build_model("lstm_dense")
+    model, f_in, _, _ = build_model("conv_causal")
     x = np.random.default_rng(5).normal(size=(3, T, f_in)).astype("float32")
     path = tmp_path / "j.zarr"
     J = jacstream.jacobian(model, x, path, strategy="forward", block_size=5, progress=False)
@@ -282,7 +282,7 @@ def test_choose_picks_the_fastest_measured_and_skips_unavailable():
 # --------------------------------------------------------------------------- storage dtypes
 @pytest.fixture(scope="module")
 def f32_job(tmp_path_factory):
-    model, f_in, _, _ = build_model("stacked")
+    model, f_in, _, _ = build_model("gru")
     x = np.random.default_rng(9).normal(size=(2, 15, f_in)).astype("float32")
     J = jacstream.jacobian(model, x, tmp_path_factory.mktemp("f32") / "j.zarr", block_size=5,
                            progress=False)

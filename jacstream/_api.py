@@ -498,10 +498,12 @@ def _choose_strategy(model: Any, call: Any, x: Any, build: Any, plan_for: Any,
         extra = () if block.in_steps is None else (block.in_steps,)
         return fn(np.asarray(x[e0:e1]), idx, block.in_len, *extra)
 
-    key = (job["model"], job["inputs"], tuple(job["out_steps"]), job["causal"], job["dtype"],
-           dev, options)
+    # Per model and shapes (not the input values: their speed is the same).
+    key = (job["model"], tuple(job["input_shape"]), tuple(job["out_steps"]), job["causal"],
+           job["dtype"], dev, options)
     choice = _strategy.choose(names, shapes, build=build, plan_for=plan_for,
-                              run_block=run_block, cache_key=key)
+                              run_block=run_block, cache_key=key,
+                              unavailable=(_tf.StrategyUnavailable,))
     record = {**choice.record, "notes": notes + choice.record.get("notes", [])}
     return choice.fn, choice.plan, record, choice.precomputed
 

@@ -169,13 +169,15 @@ def _same_blocks(a: Plan, b: Plan) -> bool:
 def choose(candidates: Sequence[str], shapes: Shapes, *, build: Callable[[str], Any],
            plan_for: Callable[[Any], Plan], run_block: Callable[[Any, Plan, Block], Any],
            cache_key: tuple[Any, ...] | None = None,
-           trial_share: float | None = None) -> Choice:
+           trial_share: float | None = None,
+           unavailable: tuple[type[BaseException], ...] = ()) -> Choice:
     """Choose among ``candidates`` (see the module docstring).
 
     ``build(name)`` returns a traced, validated block function (raising
     ``StrategyUnavailable`` when the strategy cannot differentiate the model),
     ``plan_for(fn)`` its plan (measuring its memory cost), ``run_block(fn,
-    plan, block)`` computes one block. ``trial_share=float("inf")`` tries
+    plan, block)`` computes one block. A candidate whose ``build`` raises one
+    of ``unavailable`` is left out (the reason is kept in the record's notes). ``trial_share=float("inf")`` tries
     every candidate; ``0`` none beyond the predicted best (default
     :data:`TRIAL_SHARE`).
     """
@@ -213,9 +215,7 @@ def choose(candidates: Sequence[str], shapes: Shapes, *, build: Callable[[str], 
         t0 = time.perf_counter()
         try:
             fn = build(c)
-        except Exception as e:
-            if type(e).__name__ != "StrategyUnavailable":
-                raise
+        except unavailable as e:
             notes.append(f"{c} unavailable: {e}")
             continue
         trace_seconds = time.perf_counter() - t0

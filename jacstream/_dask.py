@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._execute import RunStats, _check_shapes, _report_nonfinite
+from ._execute import RunStats, _check_shapes, _extra_args, _report_nonfinite
 from ._plan import Block, Plan, format_bytes
 from ._store import DONE_DIR, JobStore
 from .errors import (
@@ -473,7 +473,8 @@ def _run_block(index: int, slab: np.ndarray | None, *, spec: dict[str, Any],
             x = slab if slab is not None else np.asarray(run.inputs[e0:e1])
             t0 = time.perf_counter()
             try:
-                data, yshape, fed = wm.fn(x, run.out_steps[p0:p1], block.in_len)
+                data, yshape, fed = wm.fn(x, run.out_steps[p0:p1], block.in_len,
+                                          *_extra_args(block))
             except JacstreamError:
                 raise
             except Exception as e:

@@ -325,7 +325,9 @@ class BlockFunction:
         with tf.GradientTape() as tape:
             tape.watch(x)
             yb, yshape = self._forward(x, idx)
-        jac = tape.batch_jacobian(yb, x, unconnected_gradients=tf.UnconnectedGradients.NONE)
+        # Outputs that truly do not move give zeros; models that are not differentiable
+        # were refused before tracing (check_differentiable).
+        jac = tape.batch_jacobian(yb, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if jac is None:
             raise ModelError(_NO_GRADIENT)
         return jac, yshape
@@ -344,7 +346,7 @@ class BlockFunction:
             yb, yshape = self._forward(xt, idx)          # (b*r, k, F_out)
             yb = tf.reshape(yb, [b, r, r])
             loss = tf.reduce_sum(yb * tf.eye(r, dtype=yb.dtype)[None])
-        g = tape.gradient(loss, xt)
+        g = tape.gradient(loss, xt, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if g is None:
             raise ModelError(_NO_GRADIENT)
         yshape = tf.tensor_scatter_nd_update(yshape, [[0]], [b])
@@ -376,7 +378,7 @@ class BlockFunction:
         xt, tangent, b, n = self._tangents(x, t0, t1)
         with tf.autodiff.ForwardAccumulator(xt, tangent) as acc:
             yb, yshape = self._forward(xt, idx)
-        return self._columns(acc.jvp(yb), yshape, b, n, idx)
+        return self._columns(acc.jvp(yb, unconnected_gradients=tf.UnconnectedGradients.ZERO), yshape, b, n, idx)
 
     def _fwd_transpose(self, x: tf.Tensor, idx: tf.Tensor, t0: tf.Tensor,
                        t1: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -390,10 +392,11 @@ class BlockFunction:
                 yb, yshape = self._forward(xt, idx)
             u = tf.zeros_like(yb)
             outer.watch(u)
-            vjp = inner.gradient(yb, xt, output_gradients=u)
+            vjp = inner.gradient(yb, xt, output_gradients=u, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if vjp is None:
             raise ModelError(_NO_GRADIENT)
-        return self._columns(outer.gradient(vjp, u, output_gradients=tangent), yshape, b, n, idx)
+        jvp = outer.gradient(vjp, u, output_gradients=tangent, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self._columns(jvp, yshape, b, n, idx)
 
     # -- calling ----------------------------------------------------------
     def __call__(self, x: np.ndarray, idx: np.ndarray, in_len: int | None = None,

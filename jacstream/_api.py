@@ -356,12 +356,17 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
             budget = (_dask_budget(client) if client is not None else None) or \
                 default_memory_budget()
 
+        overhead: list[int] = []
+
         def plan_for(f: Any) -> Plan:
             """The plan of a validated block function, with its own measured memory cost."""
             cost = None
             if block_size is None:
                 cost = f.probe_cost(sample if batch <= 2 else np.asarray(x[: min(batch, 4)]))
-                cost = _scale_fixed(cost, current_rss() - rss0)
+                # What tracing and probing took, measured once: after a trial block the
+                # allocator keeps that block's memory, which the next block reuses.
+                overhead.append(overhead[0] if overhead else current_rss() - rss0)
+                cost = _scale_fixed(cost, overhead[-1])
             p = make_plan((batch, t_in, f_in), (batch, t_out, f_out), out_steps=steps,
                           block_size=block_size, examples_per_block=examples_per_block,
                           memory_budget=budget, causal=is_causal, strategy=f.strategy,

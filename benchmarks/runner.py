@@ -161,7 +161,7 @@ def monitor(cmd: Sequence[str], *, mem_cap: int, timeout: float, poll: float = 0
         elif time.perf_counter() - t0 > timeout:
             status = "timeout"
         if status != "exited":
-            _kill(proc)
+            _kill(proc, ps)
             break
         time.sleep(poll)
     now = time.perf_counter()
@@ -176,11 +176,37 @@ def monitor(cmd: Sequence[str], *, mem_cap: int, timeout: float, poll: float = 0
                      list(state["phases"]), dict(state["values"]), "".join(tail)[-3000:])
 
 
-def _kill(proc: subprocess.Popen[str]) -> None:
+def _kill(proc: subprocess.Popen[str], ps: psutil.Process) -> None:
+    """SIGKILL the case's process group and every descendant, and wait until they are gone.
+
+    A signal is delivered asynchronously: without the wait a grandchild could
+    still be running (and holding memory) when the next case starts.
+    """
+    try:
+        tree = [ps, *ps.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         proc.kill()
+    for p in tree[1:]:  # descendants that left the group (setsid) are killed one by one
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in tree[1:]):
+        time.sleep(0.02)
+
+
+def _alive(p: psutil.Process) -> bool:
+    """Whether ``p`` still runs (a zombie has already released its memory)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # --------------------------------------------------------------------------- environment

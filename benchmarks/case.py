@@ -70,6 +70,20 @@ def rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def tree_rss() -> int:
+    """RSS of this process and all its descendants (e.g. dask worker processes)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
 def hwm() -> int:
     """Peak RSS since the process started or since the last reset."""
     v = _status_kib("VmHWM")
@@ -185,8 +199,25 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         return {"status": _classify(e), "error": f"{type(e).__name__}: {e}"[:2000]}
     ctx = Context(workload=w, x=x, workdir=workdir, model=model,
                   options=spec.get("options", {}))
+    teardown = None
+    if method.setup is not None:
+        try:
+            teardown = method.setup(ctx)
+        except BaseException as e:
+            return {"status": _classify(e), "error": f"setup: {type(e).__name__}: {e}"[:2000]}
+    try:
+        return _timed(method, ctx, pairs, ref, result)
+    finally:
+        if teardown is not None:
+            teardown()
 
-    result["rss_before"] = rss()
+
+def _timed(method: Any, ctx: Context, pairs: list[tuple[int, int]], ref: np.ndarray,
+           result: dict[str, Any]) -> dict[str, Any]:
+    """Run the method under the clock, then check its sampled rows against the reference."""
+    # With worker processes started by the setup, "before" counts them too: the
+    # parent's samples of the method cover the whole process tree.
+    result["rss_before"] = rss() if method.setup is None else tree_rss()
     result["hwm_before"] = hwm()
     result["hwm_reset"] = reset_hwm()
     phase("method", rss_before=result["rss_before"])

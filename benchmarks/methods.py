@@ -68,6 +68,8 @@ class Method:
     summary: str
     keeps_result: bool = True
     archs: tuple[str, ...] = ("lstm", "gru", "conv")
+    # Run before the clock starts; may add to ``ctx.options``; returns the teardown.
+    setup: Callable[[Context], Callable[[], None]] | None = None
 
 
 def _rows(J: Any) -> Callable[[Pairs], np.ndarray]:
@@ -100,6 +102,8 @@ def _jacstream(**kwargs: Any) -> Callable[[Context], Output]:
                 raise Unavailable("this jacstream has no null sink (jacobian(..., _write=False))")
             extra["_write"] = False
         budget = ctx.options.get("memory_budget")
+        if "client" in ctx.options:
+            extra["client"] = ctx.options["client"]
         J = jacstream.jacobian(ctx.model, ctx.x, path, progress=False, memory_budget=budget,
                                **extra)
 
@@ -115,6 +119,30 @@ def _jacstream(**kwargs: Any) -> Callable[[Context], Output]:
                       cleanup=lambda: shutil.rmtree(path, ignore_errors=True))
 
     return run
+
+
+def _local_cluster(n_workers: int) -> Callable[[Context], Callable[[], None]]:
+    """Start a ``LocalCluster`` of ``n_workers`` processes (one task each) before the clock.
+
+    The workers are children of the case process, so their memory counts in the
+    case's peak RSS; starting them is not timed, loading the model on them is.
+    """
+
+    def setup(ctx: Context) -> Callable[[], None]:
+        from dask.distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, local_directory=str(ctx.workdir))
+        client = Client(cluster)
+        ctx.options = {**ctx.options, "client": client}
+
+        def teardown() -> None:
+            client.close()
+            cluster.close()
+
+        return teardown
+
+    return setup
 
 
 # --------------------------------------------------------------------------- TensorFlow
@@ -219,6 +247,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("jacstream-nullsink", "jacstream", _jacstream(_write=False),
            "jacstream, blocks computed and dropped (no store writes; private _write=False)",
            keeps_result=False),
+    Method("jacstream-dask1", "jacstream", _jacstream(),
+           "jacstream on a dask LocalCluster of 1 worker process (client=)",
+           setup=_local_cluster(1)),
+    Method("jacstream-dask2", "jacstream", _jacstream(),
+           "jacstream on a dask LocalCluster of 2 worker processes (client=); the memory "
+           "budget holds per worker", setup=_local_cluster(2)),
     Method("tf-eager", "tf", _tf(),
            "eager tape.batch_jacobian (the usual answer)"),
     Method("tf-function", "tf", _tf(traced=True),

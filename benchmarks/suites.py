@@ -27,6 +27,7 @@ REFERENCE_TS = (100, 300, 600, 1000, 3000, 10000)
 
 JACSTREAM_VARIANTS = ("jacstream-pfor", "jacstream-tile", "jacstream-noncausal",
                       "jacstream-nullsink")
+DASK_VARIANTS = ("jacstream-dask1", "jacstream-dask2")
 TF_BASELINES = ("tf-eager", "tf-function", "tf-eager-pi50", "tf-eager-nopfor")
 TORCH_METHODS = ("torch-jacobian-vec", "torch-vmap-jacrev", "torch-vmap-jacrev-c50")
 
@@ -45,6 +46,7 @@ def full() -> list[Case]:
     cases = cases_for(ref, ["jacstream"], REFERENCE_TS[:-1])
     cases += cases_for(ref, JACSTREAM_VARIANTS, (300, 1000))
     cases += cases_for(ref, ["jacstream-nullsink"], (3000,))  # writer hidden behind compute?
+    cases += cases_for(ref, DASK_VARIANTS, (1000, 3000))       # 1 vs 2 dask worker processes
     cases += cases_for(ref, TF_BASELINES, REFERENCE_TS)
     cases += cases_for(ref, TORCH_METHODS, REFERENCE_TS)
     others = [Workload("lstm-wide", "lstm", T=300, F_in=8, F_out=8),
@@ -66,6 +68,7 @@ def quick() -> list[Case]:
     cases += cases_for(lstm, ["tf-function", *JACSTREAM_VARIANTS[1:]], (60,))
     cases += cases_for(lstm, ["tf-eager-nopfor"], (30,))
     cases += cases_for(lstm, ["tf-eager-pi50"], (60,))      # 60 rows: two chunks of 50
+    cases += cases_for(lstm, ["jacstream-dask2"], (60,))
     for w in (Workload("lstm-wide", "lstm", T=30, batch=3, H=8, F_in=3, F_out=3),
               Workload("gru-h8", "gru", T=40, batch=3, H=8),
               Workload("conv-h8", "conv", T=40, batch=3, H=8)):

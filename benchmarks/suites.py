@@ -4,8 +4,9 @@
            3 minutes on 2 cores; CI runs it to check the runner works and every
            result is exact (timings are not checked).
 ``full``   the reference model over T = 100 ... 10000 against every baseline,
-           plus a wide, a bigger, a GRU and a causal Conv1D model at T=300;
-           about an hour on 2 cores.
+           jacstream's variants (strategies, causal=False, no store, a dask
+           LocalCluster of 1 and 2 workers), plus a wide, a bigger, a GRU and
+           a causal Conv1D model at T=300; about 70 minutes on 2 cores.
 ``smoke``  one tiny LSTM, jacstream at two lengths and eager at one (the test suite).
 
 Cases of one method on one family are listed in increasing T: the runner

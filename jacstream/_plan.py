@@ -25,10 +25,14 @@ LAYOUT = ("example", "out_step", "out_feature", "in_step", "in_feature")
 # input steps). Both write the same array with the same layout.
 STRATEGY_AXIS = {"pfor": "out", "tile": "out", "forward": "in"}
 
-# With pfor on 2 cores, a block's speed stops improving at about a thousand
-# Jacobian rows (examples x output steps x output features); larger blocks
-# only cost memory (measured on the reference LSTM at T=1000: K=100 fastest).
-MAX_ROWS_PER_BLOCK = 1024
+# Jacobian rows (examples x output steps x output features) per block beyond
+# which a block gets no faster per row, only bigger in memory. pfor shares one
+# forward pass among a block's rows: on 2 cores its speed stops improving at
+# about a thousand rows (reference LSTM, T=1000: K=100 fastest; K=50 +20% time).
+# tile repeats the forward pass for every row, so small blocks cost it little:
+# 250 rows instead of 1000 took the same time at T=300 and +10% at T=1000, with
+# a third of the memory. Forward mode counts columns the same way.
+MAX_ROWS_PER_BLOCK = {"pfor": 1024, "tile": 256, "forward": 1024}
 # Chunks smaller than this make too many files; the in-step chunk is widened
 # to a multiple of the block size until a chunk reaches it.
 MIN_CHUNK_BYTES = 128 * 1024
@@ -440,7 +444,7 @@ def make_plan(input_shape: Sequence[int], output_shape: Sequence[int], *,
                 f"for {e} examples x {t_in} input steps, over memory_budget="
                 f"{format_bytes(budget)}: {hint}.")
     else:
-        cap = max(1, MAX_ROWS_PER_BLOCK // max(1, e * unit))
+        cap = max(1, MAX_ROWS_PER_BLOCK.get(strategy, 1024) // max(1, e * unit))
         if target is None:
             k = min(n, cap)
         else:

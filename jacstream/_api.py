@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,24 +229,12 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     """
     t_call = time.perf_counter()
     rss0 = current_rss()
-    _check_choice("causal", causal, CAUSAL_CHOICES)
-    _check_choice("strategy", strategy, STRATEGY_CHOICES)
-    _check_choice("on_nonfinite", on_nonfinite, NONFINITE_CHOICES)
-    _check_choice("dtype", dtype, DTYPE_CHOICES)
-    if client is not None:
-        from ._dask import check_client
-
-        check_client(client)
-    if not callable(model):
-        raise InputError(f"model must be a Keras model or a callable, got {type(model).__name__}.")
+    _check_arguments(model, block_size, causal, strategy, on_nonfinite, dtype, client)
     x = _as_inputs(inputs, scratch=store)
     budget = parse_memory(memory_budget)
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                   or block_size < 1):
-        raise InputError(f"block_size must be a positive int (output steps per block), got "
-                         f"{block_size!r}.")
+    # With reduce=, only the reduced result is stored: no JobStore.
     reduction = None
-    if reduce is not None:  # only the reduced result is stored: no JobStore
+    if reduce is not None:
         from ._reduce import as_reduction
 
         reduction = as_reduction(reduce)
@@ -256,151 +245,72 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         existing = _existing_store(path)
         if existing is None or overwrite:
             JobStore.check_creatable(path)
+    resuming = existing is not None and not overwrite
 
     from . import _tf  # TensorFlow is imported only from here on
 
     dev = _tf.resolve_device(device)
-    batch, t_in, f_in = (int(s) for s in x.shape)
-    sample = np.ascontiguousarray(np.asarray(x[: min(2, batch)]))
-    # Structural checks run eagerly on a short prefix (eager RNNs are slow); a model
-    # that only accepts its full length is checked at full length.
-    prepared, short, y_short = _prepare(model, sample, dev)
-    if y_short.ndim != 3 or y_short.shape[0] != short.shape[0]:
-        raise ModelError(
-            f"the model must map inputs (batch, steps, features) to outputs (batch, steps, "
-            f"features) with the same batch size; for inputs of shape {short.shape} it returned "
-            f"shape {y_short.shape}. Return sequences (e.g. LSTM(return_sequences=True)), keep "
-            "the batch axis first and one output per input example.")
-    if not _is_float(y_short.dtype):
-        raise ModelError(
-            f"the model returned outputs of dtype {y_short.dtype}; only floating-point outputs "
-            "can be differentiated. Return the float values before any cast, argmax or round.")
-    f_out = int(y_short.shape[2])
-    if short.shape[1] == t_in:  # the eager output has the full length: fail before tracing
-        normalize_out_steps(out_steps, int(y_short.shape[1]))
-    _tf.check_batch_independence(prepared.call, short, dev, y_short)
-    _tf.check_differentiable(prepared.call, short, dev)
-    stored_strategy = existing.plan.strategy if existing is not None and not overwrite else None
-    fixed = stored_strategy or (None if strategy == "auto" else strategy)
+    m = _inspect_model(model, x, dev, out_steps)
+    fixed = existing.plan.strategy if resuming and existing is not None else (
+        None if strategy == "auto" else strategy)
     if reduction is not None:  # streaming reductions walk blocks of output steps
         if fixed == "forward":
             raise InputError("reduce= needs blocks of output steps: use strategy='pfor', "
                              "'tile' or 'auto', not 'forward'.")
         fixed = fixed or "pfor"
-    fns: dict[str, Any] = {}
-
-    def build(name: str) -> Any:
-        """The validated block function of a strategy (traced once per call)."""
-        if name not in fns:
-            f = _tf.BlockFunction(prepared.call, name, f_in, f_out, dev)
-            f.validate(sample, short, y_short.shape)
-            fns[name] = f
-        return fns[name]
-
-    if fixed is not None:
-        t_out = build(fixed).t_out
-    elif short.shape[1] == t_in or y_short.shape[1] == short.shape[1]:
-        # strategy="auto" traces nothing before choosing: the output length is known
-        # from the eager pass (full length), or equals the input length (a prefix
-        # gave as many outputs as inputs; checked once the chosen function is traced).
-        t_out = int(y_short.shape[1]) if short.shape[1] == t_in else t_in
-    else:
-        t_out = build("tile").t_out
+    build = _Builder(m, dev)
+    t_out = m.t_out_before_tracing(build, fixed)
     steps = normalize_out_steps(out_steps, t_out)
-
     if causal == "auto":
-        is_causal, reason = (_tf.detect_causal(model, prepared.call, short, dev)
-                             if t_in == t_out else (False, "output and input lengths differ"))
+        is_causal, reason = (_tf.detect_causal(model, m.call, m.short, dev)
+                             if m.t_in == t_out else (False, "output and input lengths differ"))
     else:
-        is_causal, reason = bool(causal), "set by the caller (causal=True)" if causal else \
-            "set by the caller (causal=False)"
-
+        is_causal, reason = bool(causal), f"set by the caller (causal={bool(causal)})"
     job = {
         "model": _tf.fingerprint_model(model),
         "inputs": _fingerprint_inputs(x),
-        "input_shape": [batch, t_in, f_in],
-        "output_shape": [batch, t_out, f_out],
+        "input_shape": [m.batch, m.t_in, m.f_in],
+        "output_shape": [m.batch, t_out, m.f_out],
         "out_steps": list(steps),
         "causal": is_causal,
         "dtype": dtype,
         "layout": ["example", "out_step", "out_feature", "in_step", "in_feature"],
     }
     precomputed: dict[int, Any] = {}
-    if existing is not None and not overwrite:
-        fn = build(existing.plan.strategy)
-        existing.check_same_job(job)
-        stored = existing.plan
-        asked = {"block_size": block_size, "examples_per_block": examples_per_block,
-                 "in_chunk": in_chunk,
-                 "strategy": None if strategy == "auto" else strategy}
-        for key, value in asked.items():
-            if value is not None and value != getattr(stored, key):
-                raise StoreMismatchError(
-                    f"the store {str(path)!r} is being written with {key}={getattr(stored, key)!r}"
-                    f", this call asks for {key}={value!r}. Resume with the same {key} (or leave "
-                    "it out), or pass overwrite=True to start again.")
-        the_plan, js = stored, existing
-        _bind(fn, the_plan)
+    if resuming:
+        assert existing is not None and path is not None
+        fn, the_plan = _resume(existing, path, build, job, block_size=block_size,
+                               examples_per_block=examples_per_block, in_chunk=in_chunk,
+                               strategy=strategy)
+        js = existing
+        if not JobStore.writable(path):
+            missing = the_plan.n_blocks - len(js.done_blocks())
+            if missing == 0:
+                return Jacobian(js)  # nothing to write: read it where it is
+            raise ReadOnlyStoreError(
+                f"the store {str(path)!r} is read-only (permissions or a read-only file "
+                f"system) and {missing} of its {the_plan.n_blocks} blocks are still to be "
+                "computed. Make it writable, or copy it to a writable place and call again "
+                "with the copy's path.")
     else:
         if budget is None and block_size is None:
             budget = (_dask_budget(client) if client is not None else None) or \
                 default_memory_budget()
-
-        overhead: list[int] = []
-
-        def plan_for(f: Any) -> Plan:
-            """The plan of a validated block function, with its own measured memory cost."""
-            cost = None
-            if block_size is None:
-                cost = f.probe_cost(sample if batch <= 2 else np.asarray(x[: min(batch, 4)]))
-                # What tracing and probing took, measured once: after a trial block the
-                # allocator keeps that block's memory, which the next block reuses.
-                overhead.append(overhead[0] if overhead else current_rss() - rss0)
-                cost = _scale_fixed(cost, overhead[-1])
-            p = make_plan((batch, t_in, f_in), (batch, t_out, f_out), out_steps=steps,
-                          block_size=block_size, examples_per_block=examples_per_block,
-                          memory_budget=budget, causal=is_causal, strategy=f.strategy,
-                          dtype=dtype, cost=cost, in_chunk=in_chunk)
-            _bind(f, p)
-            return p
-
-        if fixed is not None:
-            fn = build(fixed)
-            the_plan = plan_for(fn)
-            choice = {"strategy": fixed, "reason": "set by the caller", "trial_seconds": {},
-                      "notes": list(fn.notes)}
-        else:
-            fn, the_plan, choice, precomputed = _choose_strategy(
-                model, prepared.call, x, build, plan_for, job, dev, (f_in, f_out),
-                (block_size, examples_per_block, budget, in_chunk))
-        if fn.t_out != t_out:
-            raise ModelError(
-                f"the model returned {fn.t_out} output steps for {t_in} input steps when "
-                f"traced, but {y_short.shape[1]} for a prefix of {short.shape[1]} steps when "
-                "called eagerly; jacstream needs a model whose output length follows its "
-                "input length the same way in both. Pass strategy='pfor' to check the full "
-                "length first.")
-        if fn.strategy == "forward":
-            choice["forward_impl"] = fn.impl
+        fn, the_plan, choice, precomputed = _new_plan(
+            model, m, x, build, fixed, job, dev, rss0,
+            (block_size, examples_per_block, budget, in_chunk), dtype)
         if reduction is not None:
             from ._reduce import run_streaming
 
             return run_streaming(reduction, the_plan, x, fn, path, job, overwrite=overwrite,
                                  progress=progress, on_nonfinite=on_nonfinite,
                                  on_block=on_block, t_out=t_out)
+        assert path is not None
         js = JobStore.create(path, the_plan, {**job, "causal_reason": reason,
-                                              "model_rewrites": prepared.rewritten,
+                                              "model_rewrites": m.prepared.rewritten,
                                               "device": dev, "strategy_choice": choice},
                              overwrite=overwrite)
 
-    if js is existing and not JobStore.writable(path):
-        missing = the_plan.n_blocks - len(js.done_blocks())
-        if missing == 0:
-            return Jacobian(js)  # nothing to write: read it where it is
-        raise ReadOnlyStoreError(
-            f"the store {str(path)!r} is read-only (permissions or a read-only file system) "
-            f"and {missing} of its {the_plan.n_blocks} blocks are still to be computed. Make it "
-            "writable, or copy it to a writable place and call again with the copy's path.")
     with PeakTracker() as tracker:
         if client is None:
             stats = _run(the_plan, js, x, fn, progress, on_nonfinite, on_block, t_out, _write,
@@ -409,7 +319,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
             from ._dask import run_dask
 
             stats = run_dask(the_plan, js, x, model, client=client, job=job, device=device,
-                             sample=short, static=fn.static, t_out=t_out, progress=progress,
+                             sample=m.short, static=fn.static, t_out=t_out, progress=progress,
                              on_nonfinite=on_nonfinite, on_block=on_block)
     run = {
         "version": __version__,
@@ -432,6 +342,168 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     result = Jacobian(js)
     result.stats = {**run, "computed_blocks": stats.computed_blocks}
     return result
+
+
+def _check_arguments(model: Any, block_size: Any, causal: Any, strategy: Any,
+                     on_nonfinite: Any, dtype: Any, client: Any) -> None:
+    """Refuse malformed options before anything is read, created or imported."""
+    _check_choice("causal", causal, CAUSAL_CHOICES)
+    _check_choice("strategy", strategy, STRATEGY_CHOICES)
+    _check_choice("on_nonfinite", on_nonfinite, NONFINITE_CHOICES)
+    _check_choice("dtype", dtype, DTYPE_CHOICES)
+    if client is not None:
+        from ._dask import check_client
+
+        check_client(client)
+    if not callable(model):
+        raise InputError(f"model must be a Keras model or a callable, got {type(model).__name__}.")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or block_size < 1):
+        raise InputError(f"block_size must be a positive int (output steps per block), got "
+                         f"{block_size!r}.")
+
+
+@dataclass
+class _ModelInfo:
+    """What the eager checks learned about the model on the job's inputs."""
+
+    prepared: Any          # _tf.PreparedModel: the call path used from here on
+    sample: np.ndarray     # the first (up to) 2 examples at full length
+    short: np.ndarray      # a prefix of ``sample``: the eager checks ran on it
+    y_short: np.ndarray    # the model's output on ``short``
+    batch: int
+    t_in: int
+    f_in: int
+    f_out: int
+
+    @property
+    def call(self) -> Any:
+        return self.prepared.call
+
+    def t_out_before_tracing(self, build: _Builder, fixed: str | None) -> int:
+        """The output length at the full input length, tracing only what must be."""
+        if fixed is not None:
+            return int(build(fixed).t_out)
+        if self.short.shape[1] == self.t_in:   # the eager pass had the full length
+            return int(self.y_short.shape[1])
+        if self.y_short.shape[1] == self.short.shape[1]:
+            # strategy="auto" traces nothing before choosing: a prefix gave as many
+            # outputs as inputs (checked once the chosen function is traced).
+            return self.t_in
+        return int(build("tile").t_out)
+
+
+def _inspect_model(model: Any, x: Any, dev: str, out_steps: Any) -> _ModelInfo:
+    """Call the model eagerly on a prefix of two examples and run the structural checks.
+
+    Raises ModelError for outputs of the wrong rank, batch or dtype, for a model
+    that mixes examples or is random, or that is not differentiable.
+    """
+    from . import _tf
+
+    batch, t_in, f_in = (int(s) for s in x.shape)
+    sample = np.ascontiguousarray(np.asarray(x[: min(2, batch)]))
+    prepared, short, y_short = _prepare(model, sample, dev)
+    if y_short.ndim != 3 or y_short.shape[0] != short.shape[0]:
+        raise ModelError(
+            f"the model must map inputs (batch, steps, features) to outputs (batch, steps, "
+            f"features) with the same batch size; for inputs of shape {short.shape} it returned "
+            f"shape {y_short.shape}. Return sequences (e.g. LSTM(return_sequences=True)), keep "
+            "the batch axis first and one output per input example.")
+    if not _is_float(y_short.dtype):
+        raise ModelError(
+            f"the model returned outputs of dtype {y_short.dtype}; only floating-point outputs "
+            "can be differentiated. Return the float values before any cast, argmax or round.")
+    if short.shape[1] == t_in:  # the eager output has the full length: fail before tracing
+        normalize_out_steps(out_steps, int(y_short.shape[1]))
+    _tf.check_batch_independence(prepared.call, short, dev, y_short)
+    _tf.check_differentiable(prepared.call, short, dev)
+    return _ModelInfo(prepared, sample, short, y_short, batch, t_in, f_in, int(y_short.shape[2]))
+
+
+class _Builder:
+    """The validated block function of each strategy, traced once per call."""
+
+    def __init__(self, m: _ModelInfo, dev: str) -> None:
+        self.m, self.dev = m, dev
+        self.fns: dict[str, Any] = {}
+
+    def __call__(self, name: str) -> Any:
+        if name not in self.fns:
+            from . import _tf
+
+            m = self.m
+            f = _tf.BlockFunction(m.call, name, m.f_in, m.f_out, self.dev)
+            f.validate(m.sample, m.short, m.y_short.shape)
+            self.fns[name] = f
+        return self.fns[name]
+
+
+def _resume(existing: JobStore, path: Path, build: _Builder, job: dict[str, Any], *,
+            strategy: str, **asked: Any) -> tuple[Any, Plan]:
+    """The block function and stored plan of a store being resumed, checked against the call."""
+    stored = existing.plan
+    fn = build(stored.strategy)
+    existing.check_same_job(job)
+    asked["strategy"] = None if strategy == "auto" else strategy
+    for key, value in asked.items():
+        if value is not None and value != getattr(stored, key):
+            raise StoreMismatchError(
+                f"the store {str(path)!r} is being written with {key}={getattr(stored, key)!r}"
+                f", this call asks for {key}={value!r}. Resume with the same {key} (or leave "
+                "it out), or pass overwrite=True to start again.")
+    _bind(fn, stored)
+    return fn, stored
+
+
+def _new_plan(model: Any, m: _ModelInfo, x: Any, build: _Builder, fixed: str | None,
+              job: dict[str, Any], dev: str, rss0: int, options: tuple[Any, ...],
+              dtype: str) -> tuple[Any, Plan, dict[str, Any], dict[int, Any]]:
+    """Choose the strategy (or take the fixed one) and plan the job with measured costs.
+
+    Returns the block function, its plan, the record of the choice, and blocks
+    already computed by the strategy trial.
+    """
+    block_size, examples_per_block, budget, in_chunk = options
+    batch, t_in, t_out = m.batch, m.t_in, job["output_shape"][1]
+    overhead: list[int] = []
+
+    def plan_for(f: Any) -> Plan:
+        """The plan of a validated block function, with its own measured memory cost."""
+        cost = None
+        if block_size is None:
+            cost = f.probe_cost(m.sample if batch <= 2 else np.asarray(x[: min(batch, 4)]))
+            # What tracing and probing took, measured once: after a trial block the
+            # allocator keeps that block's memory, which the next block reuses.
+            overhead.append(overhead[0] if overhead else current_rss() - rss0)
+            cost = _scale_fixed(cost, overhead[-1])
+        p = make_plan((batch, t_in, m.f_in), (batch, t_out, m.f_out),
+                      out_steps=job["out_steps"], block_size=block_size,
+                      examples_per_block=examples_per_block, memory_budget=budget,
+                      causal=job["causal"], strategy=f.strategy, dtype=dtype, cost=cost,
+                      in_chunk=in_chunk)
+        _bind(f, p)
+        return p
+
+    precomputed: dict[int, Any] = {}
+    if fixed is not None:
+        fn = build(fixed)
+        the_plan = plan_for(fn)
+        choice = {"strategy": fixed, "reason": "set by the caller", "trial_seconds": {},
+                  "notes": list(fn.notes)}
+    else:
+        fn, the_plan, choice, precomputed = _choose_strategy(
+            model, m.call, x, build, plan_for, job, dev, (m.f_in, m.f_out), options)
+    if fn.t_out != t_out:
+        raise ModelError(
+            f"the model returned {fn.t_out} output steps for {t_in} input steps when "
+            f"traced, but {m.y_short.shape[1]} for a prefix of {m.short.shape[1]} steps when "
+            "called eagerly; jacstream needs a model whose output length follows its "
+            "input length the same way in both. Pass strategy='pfor' to check the full "
+            "length first.")
+    if fn.strategy == "forward":
+        choice["forward_impl"] = fn.impl
+    return fn, the_plan, choice, precomputed
 
 
 def _prepare(model: Any, sample: np.ndarray, dev: str) -> tuple[Any, np.ndarray, np.ndarray]:

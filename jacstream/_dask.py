@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._execute import RunStats, _check_shapes, _extra_args, _report_nonfinite
+from ._execute import RunStats, _check_shapes, _report_nonfinite, compute_block
 from ._plan import Block, Plan, format_bytes
 from ._store import DONE_DIR, JobStore
 from .errors import (
     BudgetError,
+    ClusterError,
     InputError,
     JacstreamError,
     ModelError,
@@ -57,10 +58,6 @@ __all__ = ["ClusterError", "DaskRunStats", "check_client", "connect", "default_w
 KEY_PREFIX = "jacstream-block"
 # Loaded models kept per worker process (a worker may serve a few jobs in turn).
 _CACHE_SIZE = 2
-
-
-class ClusterError(JacstreamError, ConnectionError):
-    """The dask cluster cannot be reached or has no workers."""
 
 
 # =========================================================================== client side
@@ -469,21 +466,11 @@ def _run_block(index: int, slab: np.ndarray | None, *, spec: dict[str, Any],
             wm, cached = _worker_model(spec, model)
             meta["setup_seconds"] = 0.0 if cached else round(wm.setup_seconds, 3)
             block = run.plan.block(index)
-            (e0, e1), (p0, p1) = block.examples, block.positions
+            e0, e1 = block.examples
             x = slab if slab is not None else np.asarray(run.inputs[e0:e1])
             t0 = time.perf_counter()
-            try:
-                data, yshape, fed = wm.fn(x, run.out_steps[p0:p1], block.in_len,
-                                          *_extra_args(block))
-            except JacstreamError:
-                raise
-            except Exception as e:
-                if hasattr(e, "add_note"):
-                    e.add_note(f"jacstream: while computing block {index} of "
-                               f"{run.plan.n_blocks} on dask worker {meta['worker']}: examples "
-                               f"{e0}..{e1 - 1}, output positions {p0}..{p1 - 1}, input length "
-                               f"{block.in_len}")
-                raise
+            data, yshape, fed = compute_block(wm.fn, run.plan, block, x, run.out_steps,
+                                              f" on dask worker {meta['worker']}")
             meta["compute_seconds"] = time.perf_counter() - t0
             meta["traces"] = wm.fn.traces
         _check_shapes(run.plan, block, data, yshape, fed, spec["t_out"])

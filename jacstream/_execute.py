@@ -112,26 +112,14 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
     try:
         for block in pending:
             e0, e1 = block.examples
-            p0, p1 = block.positions
             x = np.asarray(inputs[e0:e1])
-            t0 = time.perf_counter()
-            try:
-                if block.index in precomputed:
-                    data, yshape, fed = precomputed.pop(block.index)
-                    stats.precomputed_blocks.append(block.index)
-                else:
-                    data, yshape, fed = compute(x, out_steps[p0:p1], block.in_len,
-                                                *_extra_args(block))
-            except JacstreamError:
-                raise
-            except Exception as e:
-                if hasattr(e, "add_note"):
-                    e.add_note(f"jacstream: while computing block {block.index} of "
-                               f"{plan.n_blocks}: examples {e0}..{e1 - 1}, output steps "
-                               f"{plan.out_steps[p0]}..{plan.out_steps[p1 - 1]}, input length "
-                               f"{block.in_len}, input steps {block.columns}, inputs {x.shape}")
-                raise
-            stats.compute_seconds += time.perf_counter() - t0
+            if block.index in precomputed:
+                data, yshape, fed = precomputed.pop(block.index)
+                stats.precomputed_blocks.append(block.index)
+            else:
+                t0 = time.perf_counter()
+                data, yshape, fed = compute_block(compute, plan, block, x, out_steps)
+                stats.compute_seconds += time.perf_counter() - t0
             _check_shapes(plan, block, data, yshape, fed, t_out)
             if on_nonfinite != "ignore" and not np.isfinite(data).all():
                 _report_nonfinite(plan, block, data, on_nonfinite, stats, x)
@@ -156,6 +144,29 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
         raise writer.error
     stats.wall_seconds = time.perf_counter() - t_start
     return stats
+
+
+def compute_block(compute: ComputeFn, plan: Plan, block: Block, x: np.ndarray,
+                  out_steps: np.ndarray, where: str = "",
+                  ) -> tuple[np.ndarray, tuple[int, ...], int]:
+    """``compute`` one block of ``plan`` on its inputs ``x``; name the block in any error.
+
+    A :class:`JacstreamError` is already in the user's terms and passes as it is;
+    any other error (TensorFlow's) gets a note saying which block failed, and
+    ``where`` (e.g. the dask worker) it ran.
+    """
+    (e0, e1), (p0, p1) = block.examples, block.positions
+    try:
+        return compute(x, out_steps[p0:p1], block.in_len, *_extra_args(block))
+    except JacstreamError:
+        raise
+    except Exception as e:
+        if hasattr(e, "add_note"):
+            e.add_note(f"jacstream: while computing block {block.index} of {plan.n_blocks}"
+                       f"{where}: examples {e0}..{e1 - 1}, output steps "
+                       f"{plan.out_steps[p0]}..{plan.out_steps[p1 - 1]}, input length "
+                       f"{block.in_len}, input steps {block.columns}, inputs {x.shape}")
+        raise
 
 
 def _extra_args(block: Block) -> tuple[Any, ...]:

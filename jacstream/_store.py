@@ -109,7 +109,14 @@ class JobStore:
         try:
             group = zarr.open_group(store=str(p), mode=mode)
             meta = group.attrs.get("jacstream")
+            if group.attrs.get("jacstream_kind") in ("DataArray", "Dataset"):
+                raise NotAStoreError(
+                    f"{str(p)!r} holds a reduced result (jacstream.jacobian(..., reduce=...)), "
+                    "not a full Jacobian store. Open it with "
+                    "jacstream.analysis.open_reduced(path).")
             array = group[ARRAY_NAME]
+        except NotAStoreError:
+            raise
         except Exception as e:
             raise NotAStoreError(
                 f"{str(p)!r} is not a jacstream store ({type(e).__name__}: {_first_line(e)}). "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "BudgetError",
+    "ClusterError",
     "DeviceError",
     "IncompleteStoreWarning",
     "InputError",
@@ -79,3 +80,7 @@ class StoreWriteError(StoreError):
 
 class IncompleteStoreWarning(UserWarning):
     """The opened store does not hold every block yet (the run was interrupted)."""
+
+
+class ClusterError(JacstreamError, ConnectionError):
+    """The dask cluster cannot be reached or has no workers."""

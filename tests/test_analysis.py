@@ -365,6 +365,8 @@ def test_streaming_reduction_matches_reduction_of_stored_result(lstm, spec, tmp_
     if path is not None:   # only the reduced result is on disk, and it reads back as returned
         assert not (path / "jacobian").exists()
         xr.testing.assert_identical(analysis.open_reduced(path), got)
+        with pytest.raises(jacstream.errors.NotAStoreError, match="open_reduced"):
+            jacstream.open(path)   # the other way round: named, with the right opener
 
 
 def test_streaming_reduction_reuses_saved_result_and_checks_the_job(lstm, tmp_path):

@@ -289,7 +289,8 @@ def test_not_a_client_is_rejected(tmp_path):
 
 
 def test_connect_to_missing_scheduler_says_what_to_do():
-    from jacstream._dask import ClusterError, connect
+    from jacstream._dask import connect
+    from jacstream.errors import ClusterError
 
     with pytest.raises(ClusterError, match="dask scheduler") as info:
         connect("tcp://127.0.0.1:9", timeout=0.5)

@@ -7,6 +7,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 GiB = 2**30
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the suite's cases and exit")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite report.md and the PNGs from OUTPUT/results.json")
+    p.add_argument("--exclude", action="append", default=[], metavar="SUBSTR",
+                   help="leave out cases whose id contains SUBSTR (repeatable, or comma-separated)")
+    p.add_argument("--merge", action="append", type=Path, default=[], metavar="DIR",
+                   help="with --report-only: report the runs in these output folders as one "
+                        "(in order; a later run's case replaces the same case of an earlier "
+                        "one), written to --output")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="exit 1 unless every case ran and was exact (default: on for the quick "
                         "and smoke suites)")
@@ -72,13 +79,25 @@ def main(argv: list[str] | None = None) -> int:
 
     output = args.output or Path("bench-results") / args.suite
     if args.report_only:
-        for path in write_report(output / "results.json", output):
+        source: Any = output / "results.json"
+        if args.merge:
+            import json
+
+            from .report import merge_results
+
+            source = merge_results([json.loads((d / "results.json").read_text())
+                                    for d in args.merge])
+            output.mkdir(parents=True, exist_ok=True)
+            (output / "results.json").write_text(json.dumps(source, indent=1, default=str))
+        for path in write_report(source, output):
             print(path)
         if args.readme:
-            print(update_readme(output / "results.json", output, args.readme))
+            print(update_readme(source, output, args.readme))
         return 0
     filters = [f for item in args.only for f in item.split(",") if f]
-    cases = [c for c in SUITES[args.suite]() if not filters or any(f in c.id for f in filters)]
+    excluded = [f for item in args.exclude for f in item.split(",") if f]
+    cases = [c for c in SUITES[args.suite]() if (not filters or any(f in c.id for f in filters))
+             and not any(f in c.id for f in excluded)]
     if args.list:
         for c in cases:
             print(c.id + (f"  (timeout {c.timeout:.0f} s)" if c.timeout else ""))

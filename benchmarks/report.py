@@ -81,10 +81,37 @@ def _check(row: dict[str, Any]) -> str:
     return ("exact" if row["exact"] else "WRONG") + rel_s
 
 
+def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs: a later run's case replaces the same case of an earlier one.
+
+    Each case keeps the index of its run (``run``, 1-based); the tables mark cases
+    of every run but the first (``²``, ``³``...), and the header lists the runs.
+    """
+    merged = {k: v for k, v in runs[0].items() if k != "cases"}
+    merged["runs"] = [{"started": r.get("started"), "finished": r.get("finished"),
+                       "settings": r.get("settings", {}), "n_cases": len(r.get("cases", []))}
+                      for r in runs]
+    by_id: dict[str, dict[str, Any]] = {}
+    for i, r in enumerate(runs, start=1):
+        for case in r.get("cases", []):
+            by_id[case["id"]] = {**case, "run": i}
+        merged.setdefault("workloads", {}).update(r.get("workloads", {}))
+        merged.setdefault("methods", {}).update(r.get("methods", {}))
+    merged["cases"] = list(by_id.values())
+    return merged
+
+
+_RUN_MARK = {2: "²", 3: "³", 4: "⁴"}
+
+
 def _cell(row: dict[str, Any] | None) -> str:
     """A pivot-table cell: time and peak RSS, or what went wrong."""
     if row is None:
         return ""
+    return _cell_text(row) + _RUN_MARK.get(int(row.get("run") or 1), "")
+
+
+def _cell_text(row: dict[str, Any]) -> str:
     st = row["status"]
     if st == "ok":
         flag = "" if row.get("exact") in (True, None) else " WRONG"
@@ -279,7 +306,17 @@ def _header(results: dict[str, Any]) -> list[str]:
     torch = results.get("torch", {})
     loads = [r["load_avg_before"] for r in results.get("cases", [])
              if r.get("load_avg_before") is not None]
-    out = [f"Run {results.get('started')} to {results.get('finished', '(unfinished)')} on "
+    runs = results.get("runs") or []
+    merged = []
+    if len(runs) > 1:
+        merged = ["Merged from " + "; ".join(
+            f"run {i}{'' if i == 1 else ' (' + _RUN_MARK.get(i, str(i)) + ')'}: "
+            f"{r.get('started')} to {r.get('finished') or '(unfinished)'}, {r.get('n_cases')} cases, "
+            f"memory_budget={r.get('settings', {}).get('memory_budget')!r}"
+            for i, r in enumerate(runs, start=1))
+            + ". A case run again in a later run shows the later result, marked with the "
+            "run's number.", ""]
+    out = merged + [f"Run {results.get('started')} to {results.get('finished', '(unfinished)')} on "
            f"{m.get('cpu')} ({m.get('cpu_count')} CPUs), {fmt_bytes(m.get('memory_total'))} RAM, "
            f"{m.get('platform')}; Python {m.get('python')}, "
            + ", ".join(f"{k} {val}" for k, val in v.items() if val)

@@ -252,6 +252,28 @@ def test_report_renders_failures_targets_and_plots(tmp_path: Path) -> None:
     assert check_exact(_results(rows)) != []
 
 
+def test_merged_runs_take_the_later_case_and_say_so(tmp_path: Path) -> None:
+    from benchmarks.__main__ import main
+    from benchmarks.report import merge_results
+
+    first = _results(GOOD)
+    redo = _row("jacstream", 300, time_s=0.5)
+    second = {**_results([redo]), "started": "second-run"}
+    merged = merge_results([first, second])
+    got = [r for r in merged["cases"] if r["id"] == redo["id"]]
+    assert len(got) == 1 and got[0]["time_s"] == 0.5 and got[0]["run"] == 2
+    assert len(merged["cases"]) == len(first["cases"])
+    assert all(r["run"] == 1 for r in merged["cases"] if r["id"] != redo["id"])
+    # through the command line, as the README's results were made
+    for name, res in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    assert main(["--report-only", "--output", str(tmp_path / "m"), "--merge",
+                 str(tmp_path / "a"), "--merge", str(tmp_path / "b")]) == 0
+    md = (tmp_path / "m" / "report.md").read_text()
+    assert "Merged from run 1" in md and "run 2 (²): second-run" in md and "²" in md
+
+
 def test_suites_list_their_cases_in_increasing_T() -> None:
     for name, make in SUITES.items():
         cases = make()

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._inputs import _is_float
 from ._inputs import as_inputs as _as_inputs
-from ._memory import PeakTracker, current_rss
+from ._memory import PeakTracker, current_rss, release_free_memory
 from ._plan import CostModel, Plan, make_plan, normalize_out_steps, parse_memory
 from ._result import Jacobian
 from ._store import JobStore
@@ -428,6 +428,17 @@ class _Builder:
         self.m, self.dev = m, dev
         self.fns: dict[str, Any] = {}
 
+    def keep_only(self, name: str) -> None:
+        """Drop every other strategy's function and return the memory it held."""
+        dropped = [k for k in self.fns if k != name]
+        for k in dropped:
+            del self.fns[k]
+        if dropped:
+            import gc
+
+            gc.collect()
+            release_free_memory()
+
     def __call__(self, name: str) -> Any:
         if name not in self.fns:
             from . import _tf
@@ -473,8 +484,11 @@ def _new_plan(model: Any, m: _ModelInfo, x: Any, build: _Builder, fixed: str | N
         cost = None
         if block_size is None:
             cost = f.probe_cost(m.sample if batch <= 2 else np.asarray(x[: min(batch, 4)]))
-            # What tracing and probing took, measured once: after a trial block the
-            # allocator keeps that block's memory, which the next block reuses.
+            # What tracing and probing took, measured once (after a trial block the
+            # allocator keeps that block's memory, which the next block reuses), with
+            # the probes' freed memory returned first: the blocks' own peaks count it.
+            if not overhead:
+                release_free_memory()
             overhead.append(overhead[0] if overhead else current_rss() - rss0)
             cost = _scale_fixed(cost, overhead[-1])
         p = make_plan((batch, t_in, m.f_in), (batch, t_out, m.f_out),
@@ -494,6 +508,7 @@ def _new_plan(model: Any, m: _ModelInfo, x: Any, build: _Builder, fixed: str | N
     else:
         fn, the_plan, choice, precomputed = _choose_strategy(
             model, m.call, x, build, plan_for, job, dev, (m.f_in, m.f_out), options)
+        build.keep_only(fn.strategy)  # the other candidates' graphs and memory go
     if fn.t_out != t_out:
         raise ModelError(
             f"the model returned {fn.t_out} output steps for {t_in} input steps when "

@@ -39,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._execute import RunStats, _check_shapes, _report_nonfinite, compute_block
+from ._memory import release_free_memory
 from ._plan import Block, Plan, format_bytes
 from ._store import DONE_DIR, JobStore
 from .errors import (
@@ -484,6 +485,8 @@ def _run_block(index: int, slab: np.ndarray | None, *, spec: dict[str, Any],
         t0 = time.perf_counter()
         run.store.write_block(run.plan, block, data)
         meta["write_seconds"] = time.perf_counter() - t0
+        del data
+        release_free_memory()
         return meta
     except StoreWriteError:
         raise   # may be transient (a network filesystem): let dask retry it

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ._memory import release_free_memory
 from ._plan import Block, Plan
 from ._store import JobStore
 from .errors import JacstreamError, ModelError, NonFiniteError
@@ -126,6 +127,7 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
             stats.computed_blocks.append(block.index)
             writer.put((block, data))
             del data
+            release_free_memory()  # blocks grow (causal): keep freed heap from piling up
     except KeyboardInterrupt:
         writer.close()
         bar.close()

@@ -314,7 +314,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     with PeakTracker() as tracker:
         if client is None:
             stats = _run(the_plan, js, x, fn, progress, on_nonfinite, on_block, t_out, _write,
-                         precomputed)
+                         precomputed, rss0)
         else:
             from ._dask import run_dask
 
@@ -624,8 +624,11 @@ def _scale_fixed(cost: CostModel, overhead: int) -> CostModel:
 
 
 def _run(the_plan: Plan, js: JobStore, x: Any, fn: Any, progress: bool, on_nonfinite: str,
-         on_block: Any, t_out: int, write: bool, precomputed: Any = None) -> Any:
+         on_block: Any, t_out: int, write: bool, precomputed: Any = None,
+         rss0: int | None = None) -> Any:
     from ._execute import run_local
 
+    trim_above = None if rss0 is None else rss0 + the_plan.estimated_peak
     return run_local(the_plan, js, x, fn, progress=progress, on_nonfinite=on_nonfinite,
-                     on_block=on_block, t_out=t_out, write=write, precomputed=precomputed)
+                     on_block=on_block, t_out=t_out, write=write, precomputed=precomputed,
+                     trim_above=trim_above)

@@ -39,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._execute import RunStats, _check_shapes, _report_nonfinite, compute_block
-from ._memory import release_free_memory
+from ._memory import current_rss, release_free_memory
 from ._plan import Block, Plan, format_bytes
 from ._store import DONE_DIR, JobStore
 from .errors import (
@@ -365,6 +365,7 @@ def _account(stats: DaskRunStats, meta: dict[str, Any], plan: Plan, on_nonfinite
 class _WorkerModel:
     fn: Any               # the traced BlockFunction
     setup_seconds: float  # loading, preparing and tracing
+    rss: int = 0          # resident memory once it was set up
 
 
 @dataclass
@@ -427,7 +428,7 @@ def _worker_model(spec: dict[str, Any], model: tuple[str, bytes]) -> tuple[_Work
     # The client validated the traced signature; every block's shapes are checked again.
     fn.static = bool(spec["static"])
     fn.static_block = plan.block_size
-    wm = _WorkerModel(fn, time.perf_counter() - t0)
+    wm = _WorkerModel(fn, time.perf_counter() - t0, current_rss())
     _remember(_MODELS, key, wm)
     return wm, False
 
@@ -486,7 +487,8 @@ def _run_block(index: int, slab: np.ndarray | None, *, spec: dict[str, Any],
         run.store.write_block(run.plan, block, data)
         meta["write_seconds"] = time.perf_counter() - t0
         del data
-        release_free_memory()
+        if current_rss() > wm.rss + run.plan.estimated_peak:   # see run_local
+            release_free_memory()
         return meta
     except StoreWriteError:
         raise   # may be transient (a network filesystem): let dask retry it

@@ -70,13 +70,17 @@ def rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def tree_rss() -> int:
-    """RSS of this process and all its descendants (e.g. dask worker processes)."""
+def tree_rss(proc: Any = None) -> int:
+    """RSS of a process (default: this one) and all its descendants (e.g. dask workers)."""
     import psutil
 
-    me = psutil.Process()
+    proc = proc or psutil.Process()
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
     total = 0
-    for p in [me, *me.children(recursive=True)]:
+    for p in procs:
         try:
             total += p.memory_info().rss
         except psutil.Error:

@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from .case import EXACT_RTOL, PHASE
+from .case import EXACT_RTOL, PHASE, tree_rss
 from .methods import METHODS
 from .workloads import Workload
 
@@ -87,20 +87,6 @@ class Monitored:
 
 
 # --------------------------------------------------------------------------- one process
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def monitor(cmd: Sequence[str], *, mem_cap: int, timeout: float, poll: float = 0.05,
             env: dict[str, str] | None = None, log_path: Path | None = None,
             cwd: Path | None = None) -> Monitored:
@@ -152,7 +138,7 @@ def monitor(cmd: Sequence[str], *, mem_cap: int, timeout: float, poll: float = 0
     peak = method_peak = 0
     status = "exited"
     while proc.poll() is None:
-        r = _tree_rss(ps)
+        r = tree_rss(ps)
         peak = max(peak, r)
         if state["phase"] == "method":
             method_peak = max(method_peak, r)

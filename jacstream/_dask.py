@@ -39,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._execute import RunStats, _check_shapes, _report_nonfinite, compute_block
-from ._memory import current_rss, release_free_memory
+from ._memory import current_rss, release_free_memory_above
 from ._plan import Block, Plan, format_bytes
 from ._store import DONE_DIR, JobStore
 from .errors import (
@@ -487,8 +487,7 @@ def _run_block(index: int, slab: np.ndarray | None, *, spec: dict[str, Any],
         run.store.write_block(run.plan, block, data)
         meta["write_seconds"] = time.perf_counter() - t0
         del data
-        if current_rss() > wm.rss + run.plan.estimated_peak:   # see run_local
-            release_free_memory()
+        release_free_memory_above(wm.rss + run.plan.estimated_peak)   # see run_local
         return meta
     except StoreWriteError:
         raise   # may be transient (a network filesystem): let dask retry it

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._memory import current_rss, release_free_memory
+from ._memory import release_free_memory_above
 from ._plan import Block, Plan
 from ._store import JobStore
 from .errors import JacstreamError, ModelError, NonFiniteError
@@ -130,10 +130,8 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
             writer.put((block, data))
             del data
             # Blocks that grow (causal runs) fragment the heap: past the plan's estimate,
-            # give the free part back. Not after every block: memory given back must be
-            # faulted in again by the next block (+55% time at T=1000 when always done).
-            if trim_above is not None and current_rss() > trim_above:
-                release_free_memory()
+            # give the free part back.
+            release_free_memory_above(trim_above)
     except KeyboardInterrupt:
         writer.close()
         bar.close()

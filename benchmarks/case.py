@@ -11,8 +11,10 @@ Two modes, both started and watched by :mod:`benchmarks.runner`:
     own process, keeps the reference's memory out of every case's peak.
 
 ``run``
-    Load the model (Keras, or the equivalent PyTorch module for torch methods),
-    then run one method under the clock. Memory is read just before the
+    Load the model (Keras, or the equivalent PyTorch module for torch methods)
+    and import the method's library (TensorFlow, PyTorch or jacstream: an import
+    is paid once per process, not per Jacobian), then run one method under the
+    clock. Memory is read just before the
     method (the "before" RSS the increase is measured from, and the peak so
     far), the kernel's peak counter is reset, and the peak is read again after
     the method. The sampled rows are then compared with the reference.
@@ -199,6 +201,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             import tensorflow as tf
 
             result["framework_version"] = f"tensorflow {tf.__version__}"
+            if method.framework == "jacstream":
+                # Imported before the clock, like TensorFlow and PyTorch for theirs:
+                # a library is imported once per process, not once per Jacobian.
+                import jacstream
+
+                result["framework_version"] += f", jacstream {jacstream.__version__}"
     except BaseException as e:
         return {"status": _classify(e), "error": f"{type(e).__name__}: {e}"[:2000]}
     ctx = Context(workload=w, x=x, workdir=workdir, model=model,

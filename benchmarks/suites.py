@@ -6,7 +6,7 @@
 ``full``   the reference model over T = 100 ... 10000 against every baseline,
            jacstream's variants (strategies, causal=False, no store, a dask
            LocalCluster of 1 and 2 workers), plus a wide, a bigger, a GRU and
-           a causal Conv1D model at T=300; about 70 minutes on 2 cores.
+           a causal Conv1D model at T=300; about 90 minutes on 2 cores.
 ``smoke``  one tiny LSTM, jacstream at two lengths and eager at one (the test suite).
 
 Cases of one method on one family are listed in increasing T: the runner
@@ -47,6 +47,7 @@ def full() -> list[Case]:
     cases = cases_for(ref, ["jacstream"], REFERENCE_TS[:-1])
     cases += cases_for(ref, JACSTREAM_VARIANTS, (300, 1000))
     cases += cases_for(ref, ["jacstream-nullsink"], (3000,))  # writer hidden behind compute?
+    cases += cases_for(ref, ["jacstream-noncausal"], (3000,))  # causal gain once compute dominates
     cases += cases_for(ref, DASK_VARIANTS, (1000, 3000))       # 1 vs 2 dask worker processes
     cases += cases_for(ref, TF_BASELINES, REFERENCE_TS)
     cases += cases_for(ref, TORCH_METHODS, REFERENCE_TS)

@@ -483,7 +483,7 @@ def _new_plan(model: Any, m: _ModelInfo, x: Any, build: _Builder, fixed: str | N
         """The plan of a validated block function, with its own measured memory cost."""
         cost = None
         if block_size is None:
-            cost = f.probe_cost(m.sample if batch <= 2 else np.asarray(x[: min(batch, 4)]))
+            cost = f.probe_cost(m.sample)  # two examples: the cost is per example
             # What tracing and probing took, measured once (after a trial block the
             # allocator keeps that block's memory, which the next block reuses), with
             # the probes' freed memory returned first: the blocks' own peaks count it.

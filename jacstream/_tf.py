@@ -550,7 +550,7 @@ class BlockFunction:
     def _probe(self, x: np.ndarray, length: int, k_max: int) -> CostModel:
         xs = np.ascontiguousarray(x[:, :length])
         k2 = max(2, min(k_max, length))
-        self._probe_block(xs, 1)  # warm up: trace, allocate
+        # No warm-up call: validate() already ran the function at full length.
         # Each probe starts from a trimmed heap, and the larger one is measured twice
         # (the larger of the two counts): the difference between them, tens of MB, is
         # what the blocks scale by, and a reused free block would hide part of it.

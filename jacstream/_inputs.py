@@ -11,7 +11,9 @@ memory. This module accepts:
   batches, as built by ``tf.data.Dataset.zip((inputs, outputs)).batch(10)``.
   Its ``x`` batches are written, in order, to a temporary zarr array next to
   the store, so the number of examples can exceed memory; the temporary
-  array is deleted when the returned object is garbage collected.
+  array is deleted when the returned object is garbage collected. Its name
+  holds the process id: a spool left behind by a process that was killed is
+  deleted by the next call for the same store.
 
 No TensorFlow import here: a ``tf.data.Dataset`` is recognised only if
 TensorFlow is already imported (it must be, for one to exist).
@@ -245,13 +247,37 @@ class _Spool:
         self.n_pending = len(rest)
 
 
+def _remove_stale_spools(where: Path, name: str) -> list[str]:
+    """Delete spools of ``name`` in ``where`` whose process is gone (it was killed).
+
+    A spool is ``.{name}.inputs-{pid}-XXXX``; one whose process still runs (or
+    whose name does not parse) is left alone. Returns the names removed.
+    """
+    import shutil
+
+    import psutil
+
+    prefix = f".{name}.inputs-"
+    removed = []
+    try:
+        entries = [p for p in where.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return removed
+    for p in entries:
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
 def _spool(batches: Iterator[np.ndarray], scratch: str | os.PathLike[str] | None,
            kind: str) -> LazyInputs:
     parent = Path(scratch).absolute().parent if scratch is not None else None
     name = Path(scratch).name if scratch is not None else "jacstream"
-    tmp = tempfile.TemporaryDirectory(prefix=f".{name}.inputs-",
-                                      dir=parent if parent is not None and parent.is_dir()
-                                      else None)
+    where = parent if parent is not None and parent.is_dir() else Path(tempfile.gettempdir())
+    _remove_stale_spools(where, name)
+    tmp = tempfile.TemporaryDirectory(prefix=f".{name}.inputs-{os.getpid()}-", dir=where)
     spool: _Spool | None = None
     first: tuple[int, ...] = ()
     for n, x in enumerate(batches):

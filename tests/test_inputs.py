@@ -6,6 +6,9 @@ Every Jacobian is compared with ``tf.GradientTape.batch_jacobian`` on the whole 
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -145,6 +148,41 @@ def test_spool_writes_whole_chunks_and_keeps_order(tmp_path, monkeypatch):
     assert len(spooled) == 1  # beside the store, not in /tmp
     del x
     assert leftovers(tmp_path) == []
+
+
+_KILLED_WHILE_SPOOLING = """
+import sys, time
+import numpy as np
+from jacstream._inputs import as_inputs
+
+def batches():
+    yield np.zeros((2, 5, 1), np.float32)
+    print("spooling", flush=True)
+    time.sleep(120)
+
+as_inputs(batches(), scratch=sys.argv[1])
+"""
+
+
+def test_spool_of_a_killed_process_is_removed_by_the_next_call(tmp_path):
+    store = tmp_path / "jac.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WHILE_SPOOLING, str(store)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "spooling"
+    finally:
+        proc.kill()
+        proc.wait()
+    left = leftovers(tmp_path)
+    assert len(left) == 1 and f"-{proc.pid}-" in left[0]  # SIGKILL leaves it behind
+    alive = tmp_path / f".jac.zarr.inputs-{os.getppid()}-other"  # a running process's spool
+    alive.mkdir()
+
+    x = as_inputs(iter([np.ones((3, 5, 1))]), scratch=store)
+    now = leftovers(tmp_path)
+    assert left[0] not in now and alive.name in now and len(now) == 2
+    del x
+    assert leftovers(tmp_path) == [alive.name]
 
 
 # --------------------------------------------------------------------------- zarr and paths

@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
              and not any(f in c.id for f in excluded)]
     if args.list:
         for c in cases:
-            print(c.id + (f"  (timeout {c.timeout:.0f} s)" if c.timeout else ""))
+            notes = ([f"timeout {c.timeout:.0f} s"] if c.timeout else []) + \
+                ([f"memory_budget {c.memory_budget}"] if c.memory_budget else [])
+            print(c.id + (f"  ({', '.join(notes)})" if notes else ""))
         return 0
     if not cases:
         print(f"no case of suite {args.suite!r} matches --only {filters}", file=sys.stderr)

@@ -324,7 +324,10 @@ def _header(results: dict[str, Any]) -> list[str]:
               f"; PyTorch: {torch.get('note')}") + ".", "",
            f"Limits per case: memory cap {fmt_bytes(float(s.get('mem_cap') or 0))}, timeout "
            f"{fmt_time(s.get('timeout'))} (unless a case sets its own). jacstream runs with "
-           f"memory_budget={s.get('memory_budget')!r}. Each case runs in its own process.", ""]
+           f"memory_budget={s.get('memory_budget')!r}"
+           + "".join(f"; {r['id']} with memory_budget={r['memory_budget']!r}"
+                     for r in results.get("cases", []) if r.get("memory_budget"))
+           + ". Each case runs in its own process.", ""]
     if loads:
         busy = max(loads) > (m.get("cpu_count") or 1)
         out += [f"Load average (1 min) before the cases: {min(loads):.1f} to {max(loads):.1f}"

@@ -47,11 +47,12 @@ MEMORY_MARGIN = 2.0
 
 @dataclass(frozen=True)
 class Case:
-    """One method on one workload; ``timeout`` overrides the run's default."""
+    """One method on one workload; ``timeout`` and ``memory_budget`` override the run's."""
 
     workload: Workload
     method: str
     timeout: float | None = None
+    memory_budget: str | None = None   # jacstream's budget in this case (None: the run's)
 
     @property
     def id(self) -> str:
@@ -286,6 +287,8 @@ def _merge(case: Case, mon: Monitored, res: dict[str, Any] | None,
                            "family": case.workload.name, "T": case.workload.T,
                            "method": case.method, "framework": METHODS[case.method].framework,
                            "timeout_s": timeout, "process_s": round(mon.wall_s, 3)}
+    if case.memory_budget is not None:
+        row["memory_budget"] = case.memory_budget
     res = res or {}
     if mon.status in ("oom", "timeout"):
         row["status"] = mon.status
@@ -435,7 +438,7 @@ def run_cases(cases: Sequence[Case], settings: Settings,
             spec: dict[str, Any] = {"mode": "run", "workload": case.workload.to_dict(), "method": case.method,
                     "prep": prepared[case.workload],
                     "workdir": str(scratch / "cases" / case.id.replace("/", "__")),
-                    "options": {"memory_budget": settings.memory_budget,
+                    "options": {"memory_budget": case.memory_budget or settings.memory_budget,
                                 "torch_threads": settings.torch_threads}}
             log(f"[{n}/{len(cases)}] {case.id} ...")
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

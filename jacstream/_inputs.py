@@ -258,7 +258,7 @@ def _remove_stale_spools(where: Path, name: str) -> list[str]:
     import psutil
 
     prefix = f".{name}.inputs-"
-    removed = []
+    removed: list[str] = []
     try:
         entries = [p for p in where.iterdir() if p.name.startswith(prefix) and p.is_dir()]
     except OSError:

@@ -331,8 +331,9 @@ def _header(results: dict[str, Any]) -> list[str]:
     if loads:
         busy = max(loads) > (m.get("cpu_count") or 1)
         out += [f"Load average (1 min) before the cases: {min(loads):.1f} to {max(loads):.1f}"
-                + (f" - above the {m.get('cpu_count')} CPUs at times: other work shared the "
-                   "machine, so read ratios rather than absolute times." if busy else "."), ""]
+                + (f" - above the {m.get('cpu_count')} CPUs at times (other work on the "
+                   "machine, or the threads of the case before still winding down): read "
+                   "ratios rather than absolute times." if busy else "."), ""]
     return out
 
 

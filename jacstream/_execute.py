@@ -9,6 +9,7 @@ and is raised in the caller; Ctrl-C stops after the blocks in flight.
 from __future__ import annotations
 
 import queue
+import signal
 import sys
 import threading
 import time
@@ -112,8 +113,10 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
                file=sys.stderr)
     writer = _Writer(store, plan, bar, stats, on_block, write)
     writer.start()
+    ctrl_c = _CtrlC()
     try:
         for block in pending:
+            ctrl_c.check()
             e0, e1 = block.examples
             x = np.asarray(inputs[e0:e1])
             if block.index in precomputed:
@@ -132,7 +135,9 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
             # Blocks that grow (causal runs) fragment the heap: past the plan's estimate,
             # give the free part back.
             release_free_memory_above(trim_above)
+        ctrl_c.check()
     except KeyboardInterrupt:
+        ctrl_c.restore()
         writer.close()
         bar.close()
         n_done = len(store.done_blocks())
@@ -141,15 +146,48 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
               "to resume.", file=sys.stderr)
         raise
     except BaseException:
+        ctrl_c.restore()
         writer.close()
         bar.close()
         raise
+    ctrl_c.restore()
     writer.close()
     bar.close()
     if writer.error is not None:
         raise writer.error
     stats.wall_seconds = time.perf_counter() - t_start
     return stats
+
+
+class _CtrlC:
+    """Ctrl-C (SIGINT) stops the run between blocks, whatever code it lands in.
+
+    Python's default handler raises KeyboardInterrupt wherever the main thread
+    is; inside TensorFlow's C++ calls that can be lost. Here the first Ctrl-C
+    only sets a flag that the block loop checks (the block in progress
+    finishes); a second one interrupts at once. Installed only in the main
+    thread and only over Python's default handler (a caller's own is kept).
+    """
+
+    def __init__(self) -> None:
+        self.hit = False
+        self.installed = (threading.current_thread() is threading.main_thread()
+                          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self.installed:
+            signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.restore()   # a second Ctrl-C: Python's default, immediately
+        self.hit = True
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.installed = False
 
 
 def compute_block(compute: ComputeFn, plan: Plan, block: Block, x: np.ndarray,

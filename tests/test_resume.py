@@ -27,9 +27,16 @@ def _done(store: Path) -> set[int]:
     return {int(n[:-5]) for n in os.listdir(d) if n.endswith(".done")} if d.exists() else set()
 
 
+def _default_sigint() -> None:
+    # A child inherits an ignored SIGINT (something earlier in this pytest worker can
+    # leave it ignored), and Python then never raises KeyboardInterrupt: Ctrl-C is
+    # tested on a process that handles it as a terminal's would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(store: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, JOB, str(store)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _kill_when(proc: subprocess.Popen, store: Path, n_done: int, extra_delay: float) -> set[int]:

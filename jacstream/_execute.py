@@ -3,7 +3,7 @@
 The writer overlaps disk I/O with the next block's computation. At most one
 block waits in the queue, so at most three blocks are alive at once (computing,
 queued, being written) and memory stays bounded. A writer error stops the run
-and is raised in the caller; Ctrl-C stops after the blocks in flight.
+and is raised in the caller; Ctrl-C stops after the block in progress (twice: at once).
 """
 
 from __future__ import annotations
@@ -113,31 +113,30 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
                file=sys.stderr)
     writer = _Writer(store, plan, bar, stats, on_block, write)
     writer.start()
-    ctrl_c = _CtrlC()
     try:
-        for block in pending:
+        with _CtrlC() as ctrl_c:
+            for block in pending:
+                ctrl_c.check()
+                e0, e1 = block.examples
+                x = np.asarray(inputs[e0:e1])
+                if block.index in precomputed:
+                    data, yshape, fed = precomputed.pop(block.index)
+                    stats.precomputed_blocks.append(block.index)
+                else:
+                    t0 = time.perf_counter()
+                    data, yshape, fed = compute_block(compute, plan, block, x, out_steps)
+                    stats.compute_seconds += time.perf_counter() - t0
+                _check_shapes(plan, block, data, yshape, fed, t_out)
+                if on_nonfinite != "ignore" and not np.isfinite(data).all():
+                    _report_nonfinite(plan, block, data, on_nonfinite, stats, x)
+                stats.computed_blocks.append(block.index)
+                writer.put((block, data))
+                del data
+                # Blocks that grow (causal runs) fragment the heap: past the plan's estimate,
+                # give the free part back.
+                release_free_memory_above(trim_above)
             ctrl_c.check()
-            e0, e1 = block.examples
-            x = np.asarray(inputs[e0:e1])
-            if block.index in precomputed:
-                data, yshape, fed = precomputed.pop(block.index)
-                stats.precomputed_blocks.append(block.index)
-            else:
-                t0 = time.perf_counter()
-                data, yshape, fed = compute_block(compute, plan, block, x, out_steps)
-                stats.compute_seconds += time.perf_counter() - t0
-            _check_shapes(plan, block, data, yshape, fed, t_out)
-            if on_nonfinite != "ignore" and not np.isfinite(data).all():
-                _report_nonfinite(plan, block, data, on_nonfinite, stats, x)
-            stats.computed_blocks.append(block.index)
-            writer.put((block, data))
-            del data
-            # Blocks that grow (causal runs) fragment the heap: past the plan's estimate,
-            # give the free part back.
-            release_free_memory_above(trim_above)
-        ctrl_c.check()
     except KeyboardInterrupt:
-        ctrl_c.restore()
         writer.close()
         bar.close()
         n_done = len(store.done_blocks())
@@ -146,11 +145,9 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
               "to resume.", file=sys.stderr)
         raise
     except BaseException:
-        ctrl_c.restore()
         writer.close()
         bar.close()
         raise
-    ctrl_c.restore()
     writer.close()
     bar.close()
     if writer.error is not None:
@@ -160,21 +157,25 @@ def run_local(plan: Plan, store: JobStore, inputs: Any, compute: ComputeFn, *,
 
 
 class _CtrlC:
-    """Ctrl-C (SIGINT) stops the run between blocks, whatever code it lands in.
+    """Inside ``with``: Ctrl-C (SIGINT) stops the run between blocks.
 
-    Python's default handler raises KeyboardInterrupt wherever the main thread
-    is; inside TensorFlow's C++ calls that can be lost. Here the first Ctrl-C
-    only sets a flag that the block loop checks (the block in progress
-    finishes); a second one interrupts at once. Installed only in the main
-    thread and only over Python's default handler (a caller's own is kept).
+    The first Ctrl-C only sets a flag that the block loop checks, so the block
+    in progress finishes and is kept; a second one is Python's default
+    (KeyboardInterrupt at once). Installed only in the main thread and only
+    over Python's default handler (a caller's own is kept); the default is
+    back when the ``with`` block ends.
     """
 
-    def __init__(self) -> None:
+    def __enter__(self) -> _CtrlC:
         self.hit = False
         self.installed = (threading.current_thread() is threading.main_thread()
                           and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
         if self.installed:
             signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.restore()   # a second Ctrl-C: Python's default, immediately

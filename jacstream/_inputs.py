@@ -247,28 +247,25 @@ class _Spool:
         self.n_pending = len(rest)
 
 
-def _remove_stale_spools(where: Path, name: str) -> list[str]:
+def _remove_stale_spools(where: Path, name: str) -> None:
     """Delete spools of ``name`` in ``where`` whose process is gone (it was killed).
 
     A spool is ``.{name}.inputs-{pid}-XXXX``; one whose process still runs (or
-    whose name does not parse) is left alone. Returns the names removed.
+    whose name does not parse) is left alone.
     """
     import shutil
 
     import psutil
 
     prefix = f".{name}.inputs-"
-    removed: list[str] = []
     try:
         entries = [p for p in where.iterdir() if p.name.startswith(prefix) and p.is_dir()]
     except OSError:
-        return removed
+        return
     for p in entries:
         pid = p.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-    return removed
 
 
 def _spool(batches: Iterator[np.ndarray], scratch: str | os.PathLike[str] | None,

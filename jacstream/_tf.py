@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ._memory import PeakTracker, release_free_memory  # noqa: E402
+from ._pfor import fast_pfor_tracing  # noqa: E402
 from ._plan import CostModel  # noqa: E402
 from .errors import DeviceError, ModelError  # noqa: E402
 
@@ -323,12 +324,13 @@ class BlockFunction:
     # -- reverse mode -----------------------------------------------------
     def _pfor(self, x: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         self.traces += 1
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(x)
             yb, yshape = self._forward(x, idx)
         # Outputs that truly do not move give zeros; models that are not differentiable
         # were refused before tracing (check_differentiable).
-        jac = tape.batch_jacobian(yb, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        with fast_pfor_tracing():
+            jac = tape.batch_jacobian(yb, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if jac is None:
             raise ModelError(_NO_GRADIENT)
         return jac, yshape
@@ -342,7 +344,7 @@ class BlockFunction:
         k = tf.shape(idx)[0]
         r = k * self.f_out
         xt = tf.repeat(x, r, axis=0)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(xt)
             yb, yshape = self._forward(xt, idx)          # (b*r, k, F_out)
             yb = tf.reshape(yb, [b, r, r])
@@ -387,8 +389,8 @@ class BlockFunction:
         # does not depend on u (zeros here) and is exact.
         self.traces += 1
         xt, tangent, b, n = self._tangents(x, t0, t1)
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
+        with tf.GradientTape(watch_accessed_variables=False) as outer:
+            with tf.GradientTape(watch_accessed_variables=False) as inner:
                 inner.watch(xt)
                 yb, yshape = self._forward(xt, idx)
             u = tf.zeros_like(yb)
@@ -508,7 +510,7 @@ class BlockFunction:
         w = np.random.default_rng(3).uniform(0.5, 1.5, size=cols.shape[1:3]).astype(x.dtype)
         fwd = np.einsum("btfj,tf->bj", cols[:, :, :, 0, :], w)
         xt = tf.constant(x)
-        with tf.device(self.device), tf.GradientTape() as tape:
+        with tf.device(self.device), tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(xt)
             y = self.call(xt, training=False) if isinstance(self.call, keras.Model) \
                 else self.call(xt)

@@ -1,9 +1,9 @@
 """Choosing the differentiation strategy for ``strategy="auto"``.
 
 Which strategy is fastest depends on the model and the shapes by large
-factors, and so does what it costs to find out: tracing ``pfor`` through a
-Keras LSTM takes 3-5 s on two cores, more than the whole Jacobian of the
-reference model at T=300 with ``tile``. So the choice is made in two steps:
+factors, and so does what it costs to find out: building ``pfor`` through a
+Keras LSTM (trace and first calls) takes ~2 s on two cores, more than the
+whole Jacobian of the reference model at T=300 with ``tile``. So the choice is made in two steps:
 
 1. **Shapes.** Each candidate's time is predicted from the Jacobian's shape
    (rows x input steps it must differentiate, after causal truncation), the
@@ -46,8 +46,10 @@ TRIAL_SHARE = 0.05
 # batch 10, T=300 and 1000): trace seconds, and seconds per Jacobian row (or
 # column) per input step relative to ``tile``. Recurrent models (a while loop)
 # trace slowly under pfor and need forward mode's transpose implementation.
+# pfor's trace: 1.8-2.5 s for the LSTM and GRU since _pfor.fast_pfor_tracing
+# (4-5 s before; measured with every candidate tried, T=300 and 1000).
 PRIOR = {
-    "recurrent": {"trace": {"tile": 0.7, "pfor": 4.0, "forward": 3.0},
+    "recurrent": {"trace": {"tile": 0.7, "pfor": 2.0, "forward": 3.0},
                   "rate": {"tile": 1.0, "pfor": 0.6, "forward": 3.5}},
     "feedforward": {"trace": {"tile": 0.6, "pfor": 1.0, "forward": 1.1},
                     "rate": {"tile": 1.0, "pfor": 0.35, "forward": 1.1}},

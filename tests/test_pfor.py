@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from conftest import assert_jacobian_close, reference_jacobian
@@ -134,3 +136,60 @@ def test_other_loops_match_batch_jacobian(name, tmp_path):
     J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="pfor", causal=False,
                            block_size=4, progress=False)
     assert_jacobian_close(J[...], reference_jacobian(model, x), name)
+
+
+def _loop_model(name):
+    keras.utils.set_random_seed(3)
+    if name == "masked":
+        return _masked_lstm(), 2
+    if name == "custom_cell":
+        return keras.Sequential([keras.Input((None, 2)),
+                                 keras.layers.RNN(_ShapeCell(4), return_sequences=True),
+                                 keras.layers.Dense(1)]), 2
+    if name == "backwards":
+        return keras.Sequential([keras.Input((None, 2)),
+                                 keras.layers.SimpleRNN(4, return_sequences=True,
+                                                        go_backwards=True),
+                                 keras.layers.Dense(2)]), 2
+    if name == "while_loop":
+        return _nested_loop, 2
+    from conftest import build_model
+
+    model, f_in, _, _ = build_model(name)
+    return model, f_in
+
+
+@pytest.mark.parametrize("name", ["masked", "custom_cell", "backwards", "while_loop",
+                                  "stacked", "bilstm", "gru", "last_step"])
+def test_stacks_what_pfors_own_retry_stacks(name, monkeypatch):
+    """The loop inputs stacked up front are exactly those pfor stacks after its first try."""
+    model, f_in = _loop_model(name)
+    x = tf.constant(np.random.default_rng(0).normal(size=(3, 11, f_in)).astype("float32"))
+    stacked: list[tuple[str, list[int]]] = []
+    original = pfor_lib._PforInput.stack_inputs
+
+    def recording(self, stack_indices=None, tile_variants=False):
+        if self.op.type in ("While", "StatelessWhile") and stack_indices is not None:
+            stacked.append((self.op.name, sorted(stack_indices)))
+        return original(self, stack_indices, tile_variants)
+
+    monkeypatch.setattr(pfor_lib._PforInput, "stack_inputs", recording)
+    def make_jac(fast):
+        @tf.function
+        def jac(x):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(x)
+                y = model(x)
+            with fast_pfor_tracing() if fast else contextlib.nullcontext():
+                return tape.batch_jacobian(y, x)
+        return jac
+
+    results = {}
+    for fast in (False, True):
+        stacked.clear()
+        jacobian = make_jac(fast)(x).numpy()
+        results[fast] = (list(stacked), jacobian)
+    (plain_stacks, plain), (fast_stacks, fast_jac) = results[False], results[True]
+    assert plain_stacks, "pfor retried no loop conversion: nothing to compare"
+    assert fast_stacks == plain_stacks
+    np.testing.assert_array_equal(fast_jac, plain)

@@ -299,6 +299,14 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
             *["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]]
 
 
+def _code(code: dict[str, Any]) -> str:
+    """`` (code at <commit>)`` for the header; nothing when the run did not record it."""
+    if not code.get("commit"):
+        return ""
+    return (f" (code at {code['commit'][:10]}"
+            + (" with uncommitted changes" if code.get("dirty") else "") + ")")
+
+
 def _header(results: dict[str, Any]) -> list[str]:
     s = results.get("settings", {})
     m = results.get("machine", {})
@@ -320,6 +328,7 @@ def _header(results: dict[str, Any]) -> list[str]:
            f"{m.get('cpu')} ({m.get('cpu_count')} CPUs), {fmt_bytes(m.get('memory_total'))} RAM, "
            f"{m.get('platform')}; Python {m.get('python')}, "
            + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+           + _code(m.get("code") or {})
            + (f", torch {torch['version']}" if torch.get("version") else
               f"; PyTorch: {torch.get('note')}") + ".", "",
            f"Limits per case: memory cap {fmt_bytes(float(s.get('mem_cap') or 0))}, timeout "

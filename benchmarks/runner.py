@@ -245,6 +245,7 @@ def machine_info() -> dict[str, Any]:
     except Exception:
         pass
     return {
+        "code": code_version(),
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
@@ -259,6 +260,28 @@ def machine_info() -> dict[str, Any]:
             "zarr": _version("zarr"),
         },
     }
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit of the jacstream the cases import, and whether it has local changes.
+
+    ``{"path", "commit", "dirty"}``; only ``path`` when it is not a git checkout.
+    """
+    spec = importlib.util.find_spec("jacstream")
+    if spec is None or not spec.origin:
+        return {}
+    root = Path(spec.origin).resolve().parent.parent
+    info: dict[str, Any] = {"path": str(root)}
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  text=True, timeout=30, check=True).stdout.strip()
+
+        info["commit"] = git("rev-parse", "HEAD")
+        info["dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
 
 
 # --------------------------------------------------------------------------- cases

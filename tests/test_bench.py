@@ -298,6 +298,13 @@ def test_smoke_suite_runs_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["machine"]["versions"]["tensorflow"]
+    # The code the cases ran: this checkout's commit (CI and users run from a clone).
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    code = results["machine"]["code"]
+    assert Path(code["path"]) == ROOT.resolve()
+    if head:
+        assert code["commit"] == head and isinstance(code["dirty"], bool)
     cases = results["cases"]
     assert {c["method"] for c in cases} == {"jacstream", "tf-eager"} and len(cases) == 3
     for c in cases:
@@ -307,5 +314,6 @@ def test_smoke_suite_runs_end_to_end(tmp_path: Path) -> None:
         assert ((c["bytes_on_disk"] or 0) > 0) == (c["method"] == "jacstream")
     md = (out / "report.md").read_text()
     assert md.count("exact (") == 3 and "WRONG" not in md
+    assert not head or f"(code at {head[:10]}" in md
     assert (out / "lstm-h4.png").stat().st_size > 10_000
     assert list((out / "logs").glob("*.log"))

@@ -3,7 +3,8 @@
 Which strategy is fastest depends on the model and the shapes by large
 factors, and so does what it costs to find out: building ``pfor`` through a
 Keras LSTM (trace and first calls) takes ~2 s on two cores, more than the
-whole Jacobian of the reference model at T=300 with ``tile``. So the choice is made in two steps:
+whole Jacobian of the reference model at T=300 with ``tile``. So the choice
+is made in two steps:
 
 1. **Shapes.** Each candidate's time is predicted from the Jacobian's shape
    (rows x input steps it must differentiate, after causal truncation), the

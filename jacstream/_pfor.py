@@ -88,12 +88,11 @@ def _stack_first(converter: Any) -> None:
 def _patched_call(original: Any) -> Any:
     @functools.wraps(original)
     def call(self: Any) -> Any:
-        if not getattr(self, "_jacstream_stacked", False):
-            self._jacstream_stacked = True
-            try:
-                _stack_first(self)
-            except Exception:  # an unknown TensorFlow layout: leave it to pfor's own retry
-                pass
+        # pfor's own retry calls this again; the fixed point then adds nothing.
+        try:
+            _stack_first(self)
+        except Exception:  # an unknown TensorFlow layout: leave it to pfor's own retry
+            pass
         return original(self)
     return call
 
@@ -116,7 +115,7 @@ def _install() -> None:
     from tensorflow.python.ops.parallel_for import pfor as pfor_lib
 
     converter = getattr(pfor_lib, "WhileV2", None)
-    if converter is not None and hasattr(pfor_lib, "_PforInput"):
+    if converter is not None:
         _SAVED["call"] = converter.__call__
         converter.__call__ = _patched_call(converter.__call__)
     if hasattr(pfor_lib, "def_function"):

@@ -678,7 +678,7 @@ def check_differentiable(call: Callable[[Any], Any], x: np.ndarray, device: str)
     """
     rng = np.random.default_rng(1)
     xt = tf.constant(x)
-    with tf.device(device), tf.GradientTape(persistent=True) as tape:
+    with tf.device(device), tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
         tape.watch(xt)
         y = tf.convert_to_tensor(call(xt, training=False) if isinstance(call, keras.Model)
                                  else call(xt))
@@ -819,7 +819,7 @@ def detect_causal(model: Any, call: Callable[[Any], Any], x: np.ndarray,
     probe = np.ascontiguousarray(x[:1])
     steps = sorted({0, length // 3, length // 2, max(0, length - 2)})
     xt = tf.constant(probe)
-    with tf.device(device), tf.GradientTape(persistent=True) as tape:
+    with tf.device(device), tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
         tape.watch(xt)
         y = call(xt, training=False) if isinstance(call, keras.Model) else call(xt)
         rows = [tf.reduce_sum(y[:, t, :]) for t in steps]

@@ -47,8 +47,9 @@ TRIAL_SHARE = 0.05
 # batch 10, T=300 and 1000): trace seconds, and seconds per Jacobian row (or
 # column) per input step relative to ``tile``. Recurrent models (a while loop)
 # trace slowly under pfor and need forward mode's transpose implementation.
-# pfor's trace: 1.8-2.5 s for the LSTM and GRU since _pfor.fast_pfor_tracing
-# (4-5 s before; measured with every candidate tried, T=300 and 1000).
+# pfor's build (trace and first calls): 1.8-2.5 s for the LSTM and GRU since
+# _pfor.fast_pfor_tracing (T=300 and 1000, attrs["strategy_choice"]["trace_seconds"]
+# with every candidate tried; `python -m benchmarks.phases --T 1000`: 2.6 s, 6.3 s before).
 PRIOR = {
     "recurrent": {"trace": {"tile": 0.7, "pfor": 2.0, "forward": 3.0},
                   "rate": {"tile": 1.0, "pfor": 0.6, "forward": 3.5}},

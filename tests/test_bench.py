@@ -317,3 +317,16 @@ def test_smoke_suite_runs_end_to_end(tmp_path: Path) -> None:
     assert not head or f"(code at {head[:10]}" in md
     assert (out / "lstm-h4.png").stat().st_size > 10_000
     assert list((out / "logs").glob("*.log"))
+
+
+def test_phases_tool_splits_one_call() -> None:
+    """``python -m benchmarks.phases`` times the phases of a real call in a child process."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.phases", "--T", "20",
+                           "--strategy", "tile", "--repeat", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("median: ")
+    for phase in ("checks", "detect_causal", "build", "probes", "blocks", "total"):
+        assert f"{phase} " in lines[0], (phase, lines[0])
+    assert "tile" in lines[0]

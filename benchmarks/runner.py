@@ -156,6 +156,10 @@ def monitor(cmd: Sequence[str], *, mem_cap: int, timeout: float, poll: float = 0
         state["t_end"] = now
     proc.wait()
     reader.join(timeout=5)
+    if state["t_method"] is not None and state["t_end"] is None:
+        # The child exited before the reader saw its last phase line (a slow machine):
+        # the method ran until the exit seen above, at the earliest when it began.
+        state["t_end"] = max(now, state["t_method"])
     if log is not None:
         log.close()
     method_s = (state["t_end"] - state["t_method"]) if state["t_method"] is not None else None

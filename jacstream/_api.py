@@ -27,7 +27,7 @@ CAUSAL_CHOICES = ("auto", True, False)
 # step costs ~3 ms here, and the checks run ~12 forward-pass equivalents); a model
 # that needs a longer input is checked on the next, and at worst on the full length.
 SHORT_STEPS = (16, 64)
-STRATEGY_CHOICES = ("auto", "pfor", "tile", "forward")
+STRATEGY_CHOICES = ("auto", "pfor", "tile", "forward", "sensitivity")
 NONFINITE_CHOICES = ("raise", "warn", "ignore")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
 
@@ -135,11 +135,14 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         ``<= t``: each block then reads only the inputs it needs and the zero
         upper triangle is never computed or stored. ``"auto"`` uses it only
         when the model's layers and a numerical check both show causality.
-    strategy : {"auto", "pfor", "tile", "forward"}
+    strategy : {"auto", "pfor", "tile", "forward", "sensitivity"}
         How a block is differentiated: vectorised reverse mode (``"pfor"``),
-        reverse mode over copies of each example (``"tile"``), or forward mode
+        reverse mode over copies of each example (``"tile"``), forward mode
         over blocks of input steps (``"forward"``; pays when ``F_in x T_in`` is
-        well below ``F_out x`` the output steps). All are exact. ``"auto"``
+        well below ``F_out x`` the output steps), or, for models that are a
+        chain of per-step layers around forward RNN layers, one forward sweep
+        of the linearised recurrence (``"sensitivity"``: by far the fastest
+        where it applies; other models raise ModelError). All are exact. ``"auto"``
         predicts the fastest from the shapes and the model, times real blocks
         when the job is long enough to pay for it, and records the choice and
         its timings in ``result.attrs["strategy_choice"]``.
@@ -258,7 +261,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
             raise InputError("reduce= needs blocks of output steps: use strategy='pfor', "
                              "'tile' or 'auto', not 'forward'.")
         fixed = fixed or "pfor"
-    build = _Builder(m, dev)
+    build = _Builder(m, dev, model)
     t_out = m.t_out_before_tracing(build, fixed)
     steps = normalize_out_steps(out_steps, t_out)
     if causal == "auto":
@@ -336,6 +339,11 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         "nonfinite_blocks": stats.nonfinite_blocks,
         "blocks_from_trial": stats.precomputed_blocks,
     }
+    if client is None and the_plan.strategy == "sensitivity":
+        # (input step, output step) pairs of the causal prefix carried by the sweep, and
+        # those dropped because their column of ds/dx was exactly zero.
+        run["sensitivity"] = {"column_steps_carried": int(fn.swept_columns),
+                              "column_steps_dropped_as_zero": int(fn.dropped_columns)}
     if client is not None:
         run.update(stats.run_info())   # executor, scheduler, traces per worker
     js.record_run(run)
@@ -424,8 +432,8 @@ def _inspect_model(model: Any, x: Any, dev: str, out_steps: Any) -> _ModelInfo:
 class _Builder:
     """The validated block function of each strategy, traced once per call."""
 
-    def __init__(self, m: _ModelInfo, dev: str) -> None:
-        self.m, self.dev = m, dev
+    def __init__(self, m: _ModelInfo, dev: str, model: Any = None) -> None:
+        self.m, self.dev, self.model = m, dev, model
         self.fns: dict[str, Any] = {}
 
     def keep_only(self, name: str) -> None:
@@ -444,8 +452,17 @@ class _Builder:
             from . import _tf
 
             m = self.m
-            f = _tf.BlockFunction(m.call, name, m.f_in, m.f_out, self.dev)
-            f.validate(m.sample, m.short, m.y_short.shape)
+            if name == "sensitivity":
+                from . import _sensitivity
+
+                f: Any = _sensitivity.build(self.model, m.call, m.f_in, m.f_out, self.dev,
+                                       m.batch, m.t_in)
+            else:
+                f = _tf.BlockFunction(m.call, name, m.f_in, m.f_out, self.dev)
+            if name == "sensitivity":
+                f.validate(m.sample, m.short, m.y_short.shape, m.y_short)
+            else:
+                f.validate(m.sample, m.short, m.y_short.shape)
             self.fns[name] = f
         return self.fns[name]
 
@@ -598,6 +615,14 @@ def _choose_strategy(model: Any, call: Any, x: Any, build: Any, plan_for: Any,
     shapes = _strategy.Shapes(batch, t_in, f_in, f_out, tuple(job["out_steps"]), job["causal"],
                               kind, n_params)
     names, notes = _strategy.candidates(shapes)
+    if "sensitivity" in names:
+        from ._sensitivity import NotApplicable, decompose
+
+        try:   # pure Python: which layers the model has, not yet whether they reproduce it
+            decompose(model)
+        except NotApplicable as e:
+            names.remove("sensitivity")
+            notes.append(f"sensitivity unavailable: {e}")
 
     def run_block(fn: Any, the_plan: Plan, block: Any) -> Any:
         e0, e1 = block.examples

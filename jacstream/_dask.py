@@ -423,8 +423,17 @@ def _worker_model(spec: dict[str, Any], model: tuple[str, bytes]) -> tuple[_Work
     dev = _tf.resolve_device(spec["device"])
     sample = spec["sample"]
     # The same steps as the client (and a local run): identical ops, identical bits.
-    prepared = _tf.prepare_model(_load_model(*model), sample, dev)
-    fn = _tf.BlockFunction(prepared.call, plan.strategy, plan.f_in, plan.f_out, dev)
+    loaded = _load_model(*model)
+    prepared = _tf.prepare_model(loaded, sample, dev)
+    if plan.strategy == "sensitivity":
+        from . import _sensitivity
+
+        # The same decisions as the client's (chunk length, propagators) from the same
+        # plan: the same computation, so the same bits as a local run.
+        fn: Any = _sensitivity.build(loaded, prepared.call, plan.f_in, plan.f_out, dev, plan.batch,
+                                plan.t_in)
+    else:
+        fn = _tf.BlockFunction(prepared.call, plan.strategy, plan.f_in, plan.f_out, dev)
     # The client validated the traced signature; every block's shapes are checked again.
     fn.static = bool(spec["static"])
     fn.static_block = plan.block_size

@@ -23,7 +23,10 @@ LAYOUT = ("example", "out_step", "out_feature", "in_step", "in_feature")
 # The axis a strategy's blocks run along: reverse mode computes rows of the
 # Jacobian (blocks of output steps), forward mode computes columns (blocks of
 # input steps). Both write the same array with the same layout.
-STRATEGY_AXIS = {"pfor": "out", "tile": "out", "forward": "in"}
+STRATEGY_AXIS = {"pfor": "out", "tile": "out", "forward": "in", "sensitivity": "out"}
+# Strategies that sweep forward in time: one slab of examples is carried through all
+# its blocks of output steps in order, so their blocks are ordered examples first.
+SWEEPS = ("sensitivity",)
 
 # Jacobian rows (examples x output steps x output features) per block beyond
 # which a block gets no faster per row, only bigger in memory. pfor shares one
@@ -32,7 +35,7 @@ STRATEGY_AXIS = {"pfor": "out", "tile": "out", "forward": "in"}
 # tile repeats the forward pass for every row, so small blocks cost it little:
 # 250 rows instead of 1000 took the same time at T=300 and +10% at T=1000, with
 # a third of the memory. Forward mode counts columns the same way.
-MAX_ROWS_PER_BLOCK = {"pfor": 1024, "tile": 256, "forward": 1024}
+MAX_ROWS_PER_BLOCK = {"pfor": 1024, "tile": 256, "forward": 1024, "sensitivity": 640}
 # Chunks smaller than this make too many files; the in-step chunk is widened
 # to a multiple of the block size until a chunk reaches it.
 MIN_CHUNK_BYTES = 128 * 1024
@@ -273,10 +276,14 @@ class Plan:
 
     # -- blocks -----------------------------------------------------------
     def block(self, index: int) -> Block:
-        """The block with this index (ordered by step block, then example block)."""
+        """The block with this index (ordered by step block, then example block; by example
+        block first for the strategies that sweep in time)."""
         if not 0 <= index < self.n_blocks:
             raise IndexError(f"block {index} out of range (plan has {self.n_blocks} blocks)")
-        sb, eb = divmod(index, self.n_example_blocks)
+        if self.strategy in SWEEPS:
+            eb, sb = divmod(index, self.n_step_blocks)
+        else:
+            sb, eb = divmod(index, self.n_example_blocks)
         e0 = eb * self.examples_per_block
         e1 = min(e0 + self.examples_per_block, self.batch)
         n = len(self.out_steps)

@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from ._plan import STRATEGY_AXIS, Block, Plan
+from ._plan import STRATEGY_AXIS, SWEEPS, Block, Plan
 
 __all__ = ["CANDIDATES", "Choice", "Shapes", "candidates", "choose", "clear_cache", "predict"]
 
-CANDIDATES = ("pfor", "tile", "forward")
+CANDIDATES = ("sensitivity", "pfor", "tile", "forward")
 
 # Another candidate is tried only if what it may cost is under this share of the job.
 TRIAL_SHARE = 0.05
@@ -50,9 +50,11 @@ TRIAL_SHARE = 0.05
 # pfor's build (trace and first calls): 1.8-2.5 s for the LSTM and GRU since
 # _pfor.fast_pfor_tracing (T=300 and 1000, attrs["strategy_choice"]["trace_seconds"]
 # with every candidate tried; `python -m benchmarks.phases --T 1000`: 2.6 s, 6.3 s before).
+# sensitivity (recurrent chains only; see _sensitivity): build ~0.6 s (forward pass,
+# checks, one chunk trace), then a small, slowly growing fraction of tile's time.
 PRIOR = {
-    "recurrent": {"trace": {"tile": 0.7, "pfor": 2.0, "forward": 3.0},
-                  "rate": {"tile": 1.0, "pfor": 0.6, "forward": 3.5}},
+    "recurrent": {"trace": {"tile": 0.7, "pfor": 2.0, "forward": 3.0, "sensitivity": 0.6},
+                  "rate": {"tile": 1.0, "pfor": 0.6, "forward": 3.5, "sensitivity": 0.04}},
     "feedforward": {"trace": {"tile": 0.6, "pfor": 1.0, "forward": 1.1},
                     "rate": {"tile": 1.0, "pfor": 0.35, "forward": 1.1}},
 }
@@ -96,9 +98,10 @@ def work(strategy: str, s: Shapes) -> float:
 def candidates(s: Shapes) -> tuple[list[str], list[str]]:
     """The strategies worth considering for these shapes, and why others are not."""
     rows, cols = work("tile", s), work("forward", s)
+    first = ["sensitivity"] if s.kind == "recurrent" else []
     if cols < rows:
-        return list(CANDIDATES), []
-    return ["pfor", "tile"], [
+        return first + ["pfor", "tile", "forward"], []
+    return first + ["pfor", "tile"], [
         f"forward not considered: it would differentiate {cols:.3g} column-steps, reverse mode "
         f"{rows:.3g} row-steps (forward mode pays when F_in x T_in is well below F_out x "
         "the output steps)"]
@@ -156,7 +159,13 @@ def _block_work(plan: Plan, b: Block) -> float:
 
 
 def _pick_block(plan: Plan, avoid: set[int]) -> Block | None:
-    """The block with the most work that is not in ``avoid`` (first one on ties)."""
+    """The block with the most work that is not in ``avoid`` (first one on ties).
+
+    A strategy that sweeps in time computes every block before the one asked
+    for: its trial block is the first (which the run then continues from).
+    """
+    if plan.strategy in SWEEPS:
+        return next((b for b in plan.blocks if b.index not in avoid), None)
     best: Block | None = None
     for b in plan.blocks:
         if b.index not in avoid and (best is None or _block_work(plan, b)

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", type=_causal, default="auto", metavar="{auto,true,false}",
                    help="skip the zero upper triangle of a causal model: 'auto' (default) "
                         "checks the model, 'true' promises it")
-    p.add_argument("--strategy", choices=("auto", "pfor", "tile", "forward"), default="auto",
+    p.add_argument("--strategy", choices=("auto", "pfor", "tile", "forward", "sensitivity"),
+                   default="auto",
                    help="how blocks are differentiated (default: auto)")
     p.add_argument("--device", metavar="DEVICE",
                    help="cpu, gpu, gpu:1... (default: a GPU if TensorFlow sees one)")

@@ -184,7 +184,8 @@ def test_auto_records_choice_and_is_exact(tmp_path):
     rec = J.attrs["strategy_choice"]
     assert rec["strategy"] == J.plan.strategy == J.stats["strategy"]
     assert rec["strategy"] in rec["trial_seconds"] and rec["reason"].startswith(rec["strategy"])
-    assert set(rec["predicted_seconds"]) == {"pfor", "tile"}   # F_in == F_out: no forward
+    # a recurrent chain, F_in == F_out: the sweep and reverse mode, no forward mode
+    assert set(rec["predicted_seconds"]) == {"sensitivity", "pfor", "tile"}
     assert rec["model_kind"] == "recurrent"
     assert_jacobian_close(J[...], reference_jacobian(model, x), "auto")
 
@@ -233,14 +234,24 @@ def test_predictions_follow_the_measured_crossovers():
         names, _ = _strategy.candidates(s)
         return min(names, key=lambda c: sum(_strategy.predict(c, s)))
 
-    # shared/NOTES reference model: tile's fast trace wins short jobs, pfor long ones
-    assert first(_shapes(300)) == "tile"
-    assert first(_shapes(1000)) == "pfor"
+    # shared/NOTES reference model: the sensitivity sweep wherever it applies (see
+    # test_sensitivity for the models it refuses); among reverse-mode blocks, tile's fast
+    # trace wins short jobs and pfor long ones
+    assert first(_shapes(300)) == first(_shapes(1000)) == "sensitivity"
+
+    def first_reverse(s):
+        names = [n for n in _strategy.candidates(s)[0] if n != "sensitivity"]
+        return min(names, key=lambda c: sum(_strategy.predict(c, s)))
+
+    assert first_reverse(_shapes(300)) == "tile"
+    assert first_reverse(_shapes(1000)) == "pfor"
     # many output features, one input feature: forward mode
     assert first(_shapes(1000, f_in=1, f_out=64, kind="feedforward", n_params=50_000)) \
         == "forward"
     names, notes = _strategy.candidates(_shapes(300, f_in=4, f_out=1))
-    assert names == ["pfor", "tile"] and "forward not considered" in notes[0]
+    assert names == ["sensitivity", "pfor", "tile"] and "forward not considered" in notes[0]
+    names, _ = _strategy.candidates(_shapes(300, f_in=4, kind="feedforward"))
+    assert names == ["pfor", "tile"]       # the sweep is only for recurrent models
 
 
 class _FakeFn:

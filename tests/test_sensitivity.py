@@ -1,0 +1,260 @@
+"""The forward-sensitivity strategy: exactness on recurrent chains, fallbacks, zeros, traces.
+
+Every model is compared with ``tf.GradientTape.batch_jacobian``. The traced
+chunk is cut to 8 steps here, so that sequences of 23 steps take three chunks
+(the last one partial and padded) and both ways of carrying old columns run:
+chunk propagators (state narrower than the sequence) and step by step (state
+wider than the sequence).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_jacobian_close, build_model, reference_jacobian
+
+import jacstream
+from jacstream import _sensitivity, _strategy
+from jacstream.errors import ModelError
+
+T = 23   # three chunks of 8 steps, the last one partial
+
+
+@pytest.fixture(autouse=True)
+def _fresh_strategy_cache(monkeypatch):
+    monkeypatch.setattr(_sensitivity, "CHUNK", 8)
+    _strategy.clear_cache()
+    yield
+    _strategy.clear_cache()
+
+
+def _keras():
+    import keras
+
+    keras.utils.set_random_seed(11)
+    return keras
+
+
+def _custom_cell_model():
+    keras = _keras()
+
+    @keras.saving.register_keras_serializable(package="jacstream_tests")
+    class MinimalRNNCell(keras.layers.Layer):
+        """The Keras guide's minimal cell: h' = tanh(x W + h U)."""
+
+        def __init__(self, units: int, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+            self.state_size = units
+
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(input_shape[-1], self.units),
+                                          initializer="glorot_uniform", name="kernel")
+            self.recurrent_kernel = self.add_weight(shape=(self.units, self.units),
+                                                    initializer="orthogonal", name="rec")
+
+        def call(self, inputs, states):
+            import keras as k
+
+            h = k.ops.tanh(k.ops.matmul(inputs, self.kernel)
+                           + k.ops.matmul(states[0], self.recurrent_kernel))
+            return h, [h]
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units}
+
+    L = keras.layers
+    return keras.Sequential([keras.Input((None, 2)), L.RNN(MinimalRNNCell(5),
+                                                             return_sequences=True),
+                             L.Dense(2)])
+
+
+def _model(name: str):
+    """(model, F_in) of the sensitivity table."""
+    if name in ("lstm_td", "lstm_dense", "stacked", "gru"):
+        model, f_in, _, _ = build_model(name)
+        return model, f_in
+    keras = _keras()
+    L = keras.layers
+    if name == "simple_rnn":
+        return keras.Sequential([keras.Input((None, 2)), L.SimpleRNN(7, return_sequences=True),
+                                 L.Dense(1)]), 2
+    if name == "custom_cell":
+        return _custom_cell_model(), 2
+    if name == "gru_reset_before":      # not in closed form: the cell's Jacobian by autodiff
+        return keras.Sequential([keras.Input((None, 2)),
+                                 L.GRU(6, return_sequences=True, reset_after=False),
+                                 L.Dense(2)]), 2
+    if name == "nonlinear_head":
+        return keras.Sequential([keras.Input((None, 3)), L.LSTM(6, return_sequences=True),
+                                 L.Dense(16, activation="relu"), L.Dense(2)]), 3
+    if name == "dense_pre":             # per-step layers before, between and after
+        return keras.Sequential([keras.Input((None, 2)), L.Dense(5, activation="tanh"),
+                                 L.GRU(6, return_sequences=True), L.LayerNormalization(),
+                                 L.Dropout(0.3), L.LSTM(4, return_sequences=True),
+                                 L.TimeDistributed(L.Dense(3))]), 2
+    if name == "wide_state":            # state (2 x 16) wider than the sequence: step by step
+        return keras.Sequential([keras.Input((None, 1)), L.LSTM(16, return_sequences=True),
+                                 L.Dense(1)]), 1
+    raise KeyError(name)
+
+
+MODELS = ["lstm_td", "lstm_dense", "stacked", "gru", "simple_rnn", "custom_cell",
+          "gru_reset_before", "nonlinear_head", "dense_pre", "wide_state"]
+_cache: dict[str, tuple] = {}
+
+
+def _case(name: str):
+    if name not in _cache:
+        model, f_in = _model(name)
+        x = np.random.default_rng(2).normal(size=(3, T, f_in)).astype("float32")
+        _cache[name] = (model, x, reference_jacobian(model, x))
+    return _cache[name]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sensitivity_matches_batch_jacobian(name, tmp_path):
+    model, x, ref = _case(name)
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="sensitivity",
+                           progress=False)
+    assert J.plan.strategy == "sensitivity" and J.complete
+    assert_jacobian_close(J[...], ref, name)
+
+
+@pytest.mark.parametrize(("name", "out_steps", "block_size", "epb"), [
+    ("lstm_td", None, 1, None),
+    ("lstm_td", -1, None, None),                  # one output step, the last
+    ("stacked", slice(3, 20, 4), 3, 2),           # F_in=3, F_out=2, slabs of examples
+    ("gru", [0, 5, 7, 8, 9, 22], 2, 1),           # across chunk boundaries
+    ("nonlinear_head", 12, None, None),           # one output step inside a chunk
+    ("dense_pre", slice(None, None, 10), 4, None),
+])
+def test_sensitivity_blockings_match_batch_jacobian(name, out_steps, block_size, epb,
+                                                    tmp_path):
+    model, x, ref = _case(name)
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="sensitivity",
+                           block_size=block_size, examples_per_block=epb, out_steps=out_steps,
+                           progress=False)
+    assert_jacobian_close(J[...], ref[:, J.out_steps], f"{name} {out_steps}")
+
+
+def test_both_sweep_modes_run():
+    """The table covers propagators (narrow state) and steps (state wider than T)."""
+    narrow, _ = _model("gru")
+    wide, _ = _model("wide_state")
+    assert _sensitivity.build(narrow, narrow, 2, 1, "/device:CPU:0", 3, T).propagate
+    assert not _sensitivity.build(wide, wide, 1, 1, "/device:CPU:0", 3, T).propagate
+
+
+def test_traces_do_not_grow_with_blocks(tmp_path):
+    model, x, _ = _case("lstm_td")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="sensitivity",
+                           block_size=2, progress=False)
+    assert J.plan.n_blocks >= 12
+    # one forward pass and one chunk function, whatever the number of blocks
+    assert J.stats["traces"] <= 2
+
+
+@pytest.mark.parametrize("name", ["conv_causal", "tf_function", "bilstm", "last_step"])
+def test_models_outside_the_set_fall_back_with_a_reason(name, tmp_path):
+    model, f_in, _, _ = build_model(name)
+    x = np.random.default_rng(0).normal(size=(2, 20, f_in)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", progress=False)
+    assert J.plan.strategy != "sensitivity"
+    notes = " ".join(J.attrs["strategy_choice"]["notes"])
+    if name in ("bilstm", "last_step"):   # recurrent: considered, and refused with a reason
+        assert "sensitivity unavailable" in notes
+    assert_jacobian_close(J[...], reference_jacobian(model, x), name)
+    with pytest.raises(ModelError, match="sensitivity|decompos|recurrent|chain|layer"):
+        jacstream.jacobian(model, x, tmp_path / "s.zarr", strategy="sensitivity",
+                           progress=False)
+
+
+def test_attention_model_falls_back(tmp_path):
+    keras = _keras()
+    L = keras.layers
+    inp = keras.Input((None, 2))
+    h = L.LSTM(6, return_sequences=True)(inp)
+    a = L.MultiHeadAttention(num_heads=1, key_dim=4)(h, h, use_causal_mask=True)
+    model = keras.Model(inp, L.Dense(1)(a))
+    x = np.random.default_rng(0).normal(size=(2, 20, 2)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", progress=False)
+    assert J.plan.strategy != "sensitivity"
+    assert "sensitivity unavailable" in " ".join(J.attrs["strategy_choice"]["notes"])
+    assert_jacobian_close(J[...], reference_jacobian(model, x), "attention")
+
+
+def test_auto_picks_sensitivity_for_a_recurrent_chain(tmp_path):
+    model, x, ref = _case("lstm_td")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", progress=False)
+    assert J.plan.strategy == "sensitivity"
+    assert J.attrs["strategy_choice"]["strategy"] == "sensitivity"
+    assert_jacobian_close(J[...], ref, "auto")
+
+
+def test_exact_zeros_are_dropped_and_stay_exact(tmp_path):
+    """Gradients that underflow to exactly 0.0 drop their columns; the result is unchanged."""
+    keras = _keras()
+    L = keras.layers
+    model = keras.Sequential([keras.Input((None, 1)),
+                              L.SimpleRNN(4, return_sequences=True,
+                                          recurrent_initializer=keras.initializers.Orthogonal(
+                                              gain=1e-9)),
+                              L.Dense(1)])
+    x = np.random.default_rng(3).normal(size=(2, 90, 1)).astype("float32")
+    ref = reference_jacobian(model, x)
+    lags = np.arange(90)[:, None] - np.arange(90)[None, :]
+    assert np.all(ref[:, :, 0, :, 0][:, lags > 8] == 0)   # the gradients die within a few steps
+    fn = _sensitivity.build(model, model, 1, 1, "/device:CPU:0", 2, 90)
+    J = fn(x, np.arange(90), 90)[0]
+    assert_jacobian_close(J, ref, "underflowing gradients")
+    assert np.all(J[:, :, 0, :, 0][:, lags > 8] == 0)
+    assert fn.dropped_columns > 0.8 * 90 * 89 / 2
+
+
+def test_validation_refuses_a_model_it_does_not_reproduce():
+    """A layer that claims to be per-step but is not (here: a subclass that mixes steps)."""
+    keras = _keras()
+    L = keras.layers
+
+    class Leaky(L.Dense):
+        def call(self, x):
+            import keras as k
+
+            y = super().call(x)
+            return y + k.ops.cumsum(y, axis=1) * 0.5   # depends on earlier steps
+
+    model = keras.Sequential([keras.Input((None, 1)), L.LSTM(4, return_sequences=True),
+                              Leaky(1)])
+    x = np.random.default_rng(0).normal(size=(2, 20, 1)).astype("float32")
+    fn = _sensitivity.build(model, model, 1, 1, "/device:CPU:0", 2, 20)
+    with pytest.raises(_sensitivity.NotApplicable, match="reproduce|differs"):
+        fn.validate(x, x[:, :16], (2, 16, 1), np.asarray(model(x[:, :16])))
+
+
+def test_interrupted_run_resumes_to_the_same_bits(tmp_path):
+    """A run stopped after some blocks resumes: the sweep starts again from step 0 without
+    rewriting the stored blocks; the same computation, so bitwise the same result."""
+    model, x, ref = _case("gru")
+    clean = jacstream.jacobian(model, x, tmp_path / "clean.zarr", strategy="sensitivity",
+                               block_size=3, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    seen: list[int] = []
+
+    def stop_after_four(block):
+        seen.append(block.index)
+        if len(seen) == 4:
+            raise Stop
+
+    path = tmp_path / "j.zarr"
+    with pytest.raises(Stop):
+        jacstream.jacobian(model, x, path, strategy="sensitivity", block_size=3,
+                           progress=False, on_block=stop_after_four)
+    J = jacstream.jacobian(model, x, path, strategy="sensitivity", block_size=3,
+                           progress=False)
+    assert J.stats["blocks_skipped"] >= 4
+    assert np.asarray(J[...]).tobytes() == np.asarray(clean[...]).tobytes()
+    assert_jacobian_close(J[...], ref, "resumed")

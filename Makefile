@@ -2,6 +2,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+# An interpreter with jax, numpy and keras for the benchmarks' JAX peers (outside the repo),
+# e.g. make bench JAX_PYTHON=/work/jaxenv/bin/python; empty: those cases are unavailable.
+JAX_PYTHON ?=
+BENCH_PEERS := $(if $(JAX_PYTHON),--jax-python $(JAX_PYTHON))
 
 .PHONY: demo test check bench bench-quick clean
 
@@ -27,11 +31,11 @@ test: $(VENV)/.installed-test
 
 ## bench-quick: the benchmark runner's smoke suite (under 3 minutes)
 bench-quick: $(VENV)/.installed-test
-	$(PY) -m benchmarks --suite quick --output bench-results/quick
+	$(PY) -m benchmarks --suite quick --output bench-results/quick $(BENCH_PEERS)
 
 ## bench: the full benchmark suite (long: about an hour on 2 cores)
 bench: $(VENV)/.installed-test
-	$(PY) -m benchmarks --suite full --output bench-results/full
+	$(PY) -m benchmarks --suite full --output bench-results/full $(BENCH_PEERS)
 
 clean:
 	rm -rf $(VENV) demo-output bench-results

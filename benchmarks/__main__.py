@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "has torch, else those cases are recorded as unavailable)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads in the PyTorch cases (default: torch's own)")
+    p.add_argument("--jax-python", default=None,
+                   help="interpreter with jax and numpy (and keras, for keras-jax-jacrev) for "
+                        "the JAX cases (default: this one if it has jax, else those cases are "
+                        "recorded as unavailable)")
+    p.add_argument("--matmul-seconds", type=float, default=2.0,
+                   help="seconds of float32 1024x1024 matmuls measuring the machine's GFLOP/s "
+                        "at the start of the run (default 2; 0 skips it)")
     p.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: system temp)")
     p.add_argument("--readme", type=Path, default=None, metavar="PATH",
                    help="also put the targets, the reference model's table and its plot into "
@@ -110,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = None if args.memory_budget == "default" else args.memory_budget
     settings = Settings(output=output, mem_cap=args.mem_cap, timeout=args.timeout,
                         torch_python=args.torch_python,
-                        torch_threads=args.torch_threads, memory_budget=budget, tmp=args.tmp,
+                        torch_threads=args.torch_threads, jax_python=args.jax_python,
+                        matmul_seconds=args.matmul_seconds, memory_budget=budget, tmp=args.tmp,
                         suite=args.suite)
     t0 = time.perf_counter()
     results = run_cases(cases, settings)

@@ -1,6 +1,11 @@
 """One case in its own process: ``python -m benchmarks.case SPEC.json``.
 
-Two modes, both started and watched by :mod:`benchmarks.runner`:
+Three modes, all started and watched by :mod:`benchmarks.runner`:
+
+``matmul``
+    The machine's float32 matmul rate: NumPy ``N x N`` matmuls for a few
+    seconds, at the start of a run, so that a case's useful GFLOP/s can be read
+    against what this machine does at best.
 
 ``prepare``
     Build the workload's Keras model from its seed and save what every case of
@@ -11,10 +16,13 @@ Two modes, both started and watched by :mod:`benchmarks.runner`:
     own process, keeps the reference's memory out of every case's peak.
 
 ``run``
-    Load the model (Keras, or the equivalent PyTorch module for torch methods)
-    and import the method's library (TensorFlow, PyTorch or jacstream: an import
-    is paid once per process, not per Jacobian), then run one method under the
-    clock. Memory is read just before the
+    Load the model (Keras; the equivalent PyTorch module for torch methods; the
+    equivalent JAX function for jax methods; Keras on the JAX backend for
+    keras-jax ones, with the same weights) and import the method's library
+    (TensorFlow, PyTorch, JAX or jacstream: an import is paid once per process,
+    not per Jacobian), then run one method under the clock. The PyTorch and
+    JAX models' outputs are first compared with the Keras model's
+    (``forward_max_err``). Memory is read just before the
     method (the "before" RSS the increase is measured from, and the peak so
     far), the kernel's peak counter is reset, and the peak is read again after
     the method. The sampled rows are then compared with the reference.
@@ -36,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from .methods import METHODS, Context, Unavailable, torch_model
+from .methods import METHODS, Context, Unavailable, jax_model, keras_jax_function, torch_model
 from .workloads import Workload, reference
 
-__all__ = ["EXACT_RTOL", "compare", "main"]
+__all__ = ["EXACT_RTOL", "compare", "main", "matmul_rate"]
 
 EXACT_RTOL = 1e-4   # max abs error relative to max |J| on the sampled rows
 PHASE = "@@phase"
@@ -173,6 +181,91 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "workloads": done}
 
 
+def _load(framework: str, w: Workload, prep: Path, x: np.ndarray, options: dict[str, Any],
+          result: dict[str, Any]) -> Any:
+    """The model for a method of ``framework``, its library imported; notes versions in ``result``."""
+    if framework == "torch":
+        import torch
+
+        if options.get("torch_threads"):
+            torch.set_num_threads(int(options["torch_threads"]))
+        result["threads"] = torch.get_num_threads()
+        with np.load(prep / "weights.npz") as z:
+            model = torch_model(w, {k: z[k] for k in z.files})
+        with torch.no_grad():
+            y = model(torch.from_numpy(x)).numpy()
+        result["forward_max_err"] = _forward_err(y, prep)
+        result["framework_version"] = f"torch {torch.__version__}"
+        return model
+    if framework in ("jax", "keras-jax"):
+        import jax
+
+        result["framework_version"] = f"jax {jax.__version__}"
+        if framework == "jax":
+            with np.load(prep / "weights.npz") as z:
+                f = jax_model(w, {k: z[k] for k in z.files})
+        else:
+            # The runner sets KERAS_BACKEND=jax for these cases; keras reads it on import.
+            os.environ["KERAS_BACKEND"] = "jax"
+            try:
+                import keras
+            except ImportError as e:
+                raise Unavailable(f"keras cannot be imported in the JAX interpreter: {e}") from e
+            if keras.backend.backend() != "jax":
+                raise Unavailable(f"keras runs on {keras.backend.backend()!r}, not on jax "
+                                  "(was it imported before KERAS_BACKEND was set?)")
+            result["framework_version"] += f", keras {keras.__version__}"
+            f = keras_jax_function(_load_keras(w, prep))
+        # The forward pass compiles a different function than the method's: no warm-up.
+        result["forward_max_err"] = _forward_err(np.asarray(jax.jit(jax.vmap(f))(x)), prep)
+        return f
+    model = _load_keras(w, prep)
+    import tensorflow as tf
+
+    result["framework_version"] = f"tensorflow {tf.__version__}"
+    if framework == "jacstream":
+        # Imported before the clock, like TensorFlow and PyTorch for theirs:
+        # a library is imported once per process, not once per Jacobian.
+        import jacstream
+
+        result["framework_version"] += f", jacstream {jacstream.__version__}"
+    return model
+
+
+def _forward_err(y: np.ndarray, prep: Path) -> float:
+    """Max abs difference between a peer model's outputs and the Keras model's."""
+    return float(np.max(np.abs(y - np.load(prep / "outputs.npy"))))
+
+
+def matmul_rate(n: int = 1024, seconds: float = 2.0) -> dict[str, Any]:
+    """float32 ``n x n`` NumPy matmuls for about ``seconds``: the machine's GFLOP/s.
+
+    ``gflops`` is the whole loop's rate (``2 n^3`` flops per matmul), ``gflops_best``
+    the fastest single matmul's.
+
+    >>> r = matmul_rate(64, 0.01)
+    >>> r["gflops"] > 0 and r["gflops_best"] >= r["gflops"] * 0.5 and r["reps"] >= 1
+    True
+    """
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), np.float32)
+    np.matmul(a, b, out=out)                       # warm-up: threads, pages
+    flops = 2.0 * n**3
+    times: list[float] = []
+    t0 = time.perf_counter()
+    while not times or time.perf_counter() - t0 < seconds:
+        t = time.perf_counter()
+        np.matmul(a, b, out=out)
+        times.append(time.perf_counter() - t)
+    total = time.perf_counter() - t0
+    return {"gflops": round(flops * len(times) / total / 1e9, 2),
+            "gflops_best": round(flops / min(times) / 1e9, 2),
+            "n": n, "dtype": "float32", "reps": len(times), "seconds": round(total, 3),
+            "library": f"numpy {np.__version__}"}
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     w = Workload.from_dict(spec["workload"])
     method = METHODS[spec["method"]]
@@ -183,30 +276,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     ref = np.load(prep / "reference.npy")
     result: dict[str, Any] = {"status": "ok"}
     try:
-        if method.framework == "torch":
-            import torch
-
-            if spec.get("options", {}).get("torch_threads"):
-                torch.set_num_threads(int(spec["options"]["torch_threads"]))
-            result["threads"] = torch.get_num_threads()
-            with np.load(prep / "weights.npz") as z:
-                model = torch_model(w, {k: z[k] for k in z.files})
-            with torch.no_grad():
-                y = model(torch.from_numpy(x)).numpy()
-            y_ref = np.load(prep / "outputs.npy")
-            result["forward_max_err"] = float(np.max(np.abs(y - y_ref)))
-            result["framework_version"] = f"torch {torch.__version__}"
-        else:
-            model = _load_keras(w, prep)
-            import tensorflow as tf
-
-            result["framework_version"] = f"tensorflow {tf.__version__}"
-            if method.framework == "jacstream":
-                # Imported before the clock, like TensorFlow and PyTorch for theirs:
-                # a library is imported once per process, not once per Jacobian.
-                import jacstream
-
-                result["framework_version"] += f", jacstream {jacstream.__version__}"
+        model = _load(method.framework, w, prep, x, spec.get("options", {}), result)
     except BaseException as e:
         return {"status": _classify(e), "error": f"{type(e).__name__}: {e}"[:2000]}
     ctx = Context(workload=w, x=x, workdir=workdir, model=model,
@@ -261,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     phase("setup")
-    result = prepare(spec) if spec["mode"] == "prepare" else run(spec)
+    if spec["mode"] == "matmul":
+        result = {"status": "ok", **matmul_rate(int(spec.get("n", 1024)),
+                                                 float(spec.get("seconds", 2.0)))}
+    else:
+        result = prepare(spec) if spec["mode"] == "prepare" else run(spec)
     Path(spec["result"]).write_text(json.dumps(result, default=str))
     phase("done")
     return 0

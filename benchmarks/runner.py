@@ -11,6 +11,12 @@ failure at some ``T`` the longer ones are recorded as skipped. Baselines are
 also skipped where the time or memory projected from a shorter run (both
 grow as T squared for a full Jacobian) passes 1.5 times the timeout or twice
 the memory cap; jacstream itself is never skipped on a projection.
+
+The PyTorch and JAX cases run in the interpreters given (``--torch-python``,
+``--jax-python``); where one is missing, its cases are recorded as
+unavailable. Before the workloads are prepared, one process measures the
+machine's float32 matmul rate (``machine.matmul`` in the results), against
+which the report reads each case's useful GFLOP/s.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from typing import Any
 import psutil
 
 from .case import EXACT_RTOL, PHASE, tree_rss
-from .methods import METHODS
+from .methods import METHODS, PEER_FRAMEWORKS
 from .workloads import Workload
 
-__all__ = ["Case", "Monitored", "Settings", "machine_info", "monitor", "run_cases"]
+__all__ = ["Case", "Monitored", "Settings", "machine_info", "monitor", "peer_interpreter",
+           "run_cases"]
 
 ROOT = Path(__file__).resolve().parent.parent      # puts `benchmarks` on the children's path
 GiB = 2**30
@@ -67,6 +74,8 @@ class Settings:
     torch_python: str | None = None       # None: this interpreter if it has torch
     memory_budget: str | None = "1GiB"    # jacstream's memory_budget in every case
     torch_threads: int | None = None      # torch.set_num_threads in PyTorch cases
+    jax_python: str | None = None         # None: this interpreter if it has jax
+    matmul_seconds: float = 2.0           # the matmul-rate measurement (0: none)
     poll: float = 0.05
     tmp: Path | None = None
     suite: str = "custom"
@@ -201,27 +210,69 @@ def _alive(p: psutil.Process) -> bool:
 
 
 # --------------------------------------------------------------------------- environment
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
+def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def torch_interpreter(requested: str | None) -> tuple[str | None, str]:
-    """The interpreter for PyTorch cases and its torch version, or (None, why not)."""
+def peer_interpreter(module: str, requested: str | None) -> tuple[str | None, str]:
+    """The interpreter for a peer's cases (``torch``, ``jax``) and its version, or (None, why not).
+
+    ``requested`` is the ``--torch-python`` / ``--jax-python`` given; without it,
+    this interpreter if it has the module.
+    """
     exe = requested or sys.executable
-    if requested is None and importlib.util.find_spec("torch") is None:
-        return None, "torch is not installed here (pass --torch-python)"
+    if requested is None and importlib.util.find_spec(module) is None:
+        return None, f"{module} is not installed here (pass --{module}-python)"
     try:
-        out = subprocess.run([exe, "-c", "import torch, numpy; print(torch.__version__)"],
+        out = subprocess.run([exe, "-c", f"import {module}, numpy; print({module}.__version__)"],
                              capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"{exe}: {e}"
     if out.returncode != 0:
-        return None, f"{exe} cannot import torch and numpy: {out.stderr.strip()[-300:]}"
+        return None, f"{exe} cannot import {module} and numpy: {out.stderr.strip()[-300:]}"
     return exe, out.stdout.strip()
+
+
+def torch_interpreter(requested: str | None) -> tuple[str | None, str]:
+    """The interpreter for PyTorch cases and its torch version, or (None, why not)."""
+    return peer_interpreter("torch", requested)
+
+
+# Keras on the JAX backend: its cases run in the JAX interpreter with this in the environment.
+KERAS_JAX_ENV = {"KERAS_BACKEND": "jax"}
+
+
+def keras_on_jax(exe: str) -> tuple[str | None, str]:
+    """Keras' version in the JAX interpreter ``exe`` on the JAX backend, or (None, why not)."""
+    code = "import keras; assert keras.backend.backend() == 'jax'; print(keras.__version__)"
+    try:
+        out = subprocess.run([exe, "-c", code], capture_output=True, text=True, timeout=120,
+                             env=_child_env(KERAS_JAX_ENV))
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{exe}: {e}"
+    if out.returncode != 0:
+        return None, (f"{exe} cannot import keras on the JAX backend: "
+                      f"{out.stderr.strip()[-300:]}")
+    return out.stdout.strip(), ""
+
+
+def peers(cases: Sequence[Case], settings: Settings) -> dict[str, tuple[str | None, str]]:
+    """For each peer framework of the run: (its interpreter, its version) or (None, why not)."""
+    frameworks = {METHODS[c.method].framework for c in cases}
+    out: dict[str, tuple[str | None, str]] = {}
+    if "torch" in frameworks:
+        out["torch"] = peer_interpreter("torch", settings.torch_python)
+    if frameworks & {"jax", "keras-jax"}:
+        out["jax"] = peer_interpreter("jax", settings.jax_python)
+    if "keras-jax" in frameworks:
+        exe, info = out["jax"]
+        keras_version, why = keras_on_jax(exe) if exe else (None, info)
+        out["keras-jax"] = (exe, f"keras {keras_version}") if keras_version else (None, why)
+    return out
 
 
 def _version(*dists: str) -> str | None:
@@ -290,7 +341,8 @@ def code_version() -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- cases
 def _spawn(spec: dict[str, Any], python: str, settings: Settings, name: str,
-           timeout: float) -> tuple[Monitored, dict[str, Any] | None]:
+           timeout: float, env: dict[str, str] | None = None
+           ) -> tuple[Monitored, dict[str, Any] | None]:
     logs = settings.output / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     safe = name.replace("/", "__")
@@ -299,7 +351,7 @@ def _spawn(spec: dict[str, Any], python: str, settings: Settings, name: str,
     Path(spec["workdir"]).mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec))
     mon = monitor([python, "-m", "benchmarks.case", str(spec_path)], mem_cap=settings.mem_cap,
-                  timeout=timeout, poll=settings.poll, env=_child_env(),
+                  timeout=timeout, poll=settings.poll, env=_child_env(env),
                   log_path=logs / f"{safe}.log", cwd=ROOT)
     result = None
     if mon.status == "exited" and Path(spec["result"]).exists():
@@ -390,9 +442,10 @@ def run_cases(cases: Sequence[Case], settings: Settings,
     out = settings.output
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="jacstream-bench-", dir=settings.tmp))
-    torch_exe, torch_info = None, "no torch case in this run"
-    if any(METHODS[c.method].framework == "torch" for c in cases):
-        torch_exe, torch_info = torch_interpreter(settings.torch_python)
+    interpreters = peers(cases, settings)
+    torch_exe, torch_info = interpreters.get("torch", (None, "no torch case in this run"))
+    jax_exe, jax_info = interpreters.get("jax", (None, "no JAX case in this run"))
+    keras_exe, keras_info = interpreters.get("keras-jax", (None, "no keras-jax case in this run"))
     results: dict[str, Any] = {
         "suite": settings.suite,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -401,12 +454,20 @@ def run_cases(cases: Sequence[Case], settings: Settings,
         "machine": machine_info(),
         "torch": {"python": torch_exe, "version": torch_info if torch_exe else None,
                   "note": None if torch_exe else torch_info},
+        "jax": {"python": jax_exe, "version": jax_info if jax_exe else None,
+                "note": None if jax_exe else jax_info,
+                "keras": keras_info if keras_exe else None,
+                "keras_note": None if keras_exe else keras_info},
         "methods": {name: m.summary for name, m in METHODS.items()
                     if any(c.method == name for c in cases)},
         "workloads": {},
         "cases": [],
     }
     json_path = out / "results.json"
+
+    # 0. The machine's float32 matmul rate, before anything else loads it.
+    if settings.matmul_seconds > 0:
+        results["machine"]["matmul"] = measure_matmul(settings, scratch, log)
 
     # 1. Inputs, weights and exact references, for all workloads in one process.
     workloads = list(dict.fromkeys(c.workload for c in cases))
@@ -442,7 +503,8 @@ def run_cases(cases: Sequence[Case], settings: Settings,
         timeout = case.timeout or settings.timeout
         method = METHODS[case.method]
         skip = _skip_reason(case, history, settings, timeout)
-        if skip is None and method.framework == "torch" and torch_exe is None:
+        peer = interpreters.get(method.framework) if method.framework in PEER_FRAMEWORKS else None
+        if skip is None and peer is not None and peer[0] is None:
             skip = "unavailable"
         if skip is None and case.workload.arch not in method.archs:
             skip = "unavailable"
@@ -453,14 +515,14 @@ def run_cases(cases: Sequence[Case], settings: Settings,
             row = {"id": case.id, "workload": case.workload.key, "family": case.workload.name,
                    "T": case.workload.T, "method": case.method, "framework": method.framework,
                    "status": status, "error": skip if status != "unavailable" else
-                   (torch_info if method.framework == "torch" and torch_exe is None else
+                   (peer[1] if peer is not None and peer[0] is None else
                     f"{case.method} does not run arch {case.workload.arch!r}"),
                    "result_nbytes": case.workload.result_nbytes,
                    "keeps_result": method.keeps_result}
             if status == "error":
                 row["error"] = "the workload's preparation failed"
         else:
-            python = torch_exe if method.framework == "torch" else sys.executable
+            python = peer[0] if peer is not None else sys.executable
             assert python is not None
             spec: dict[str, Any] = {"mode": "run", "workload": case.workload.to_dict(), "method": case.method,
                     "prep": prepared[case.workload],
@@ -469,7 +531,8 @@ def run_cases(cases: Sequence[Case], settings: Settings,
                                 "torch_threads": settings.torch_threads}}
             log(f"[{n}/{len(cases)}] {case.id} ...")
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-            mon, res = _spawn(spec, python, settings, case.id, timeout)
+            mon, res = _spawn(spec, python, settings, case.id, timeout,
+                              KERAS_JAX_ENV if method.framework == "keras-jax" else None)
             row = _merge(case, mon, res, timeout)
             row["load_avg_before"] = load
             _rmtree(Path(spec["workdir"]))
@@ -482,6 +545,21 @@ def run_cases(cases: Sequence[Case], settings: Settings,
     _write_json(json_path, results)
     _rmtree(scratch)
     return results
+
+
+def measure_matmul(settings: Settings, scratch: Path,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The float32 matmul rate (GFLOP/s) of this machine now, in its own process."""
+    log(f"matmul rate ({settings.matmul_seconds:g} s of 1024x1024 float32 NumPy matmuls) ...")
+    spec = {"mode": "matmul", "n": 1024, "seconds": settings.matmul_seconds,
+            "workdir": str(scratch / "specs")}
+    mon, res = _spawn(spec, sys.executable, settings, "matmul",
+                      max(120.0, 20 * settings.matmul_seconds))
+    if res is None:
+        return {"status": mon.status if mon.status != "exited" else "error",
+                "log_tail": mon.log_tail[-1500:]}
+    log(f"    {res['gflops']:.1f} GFLOP/s (best single matmul {res['gflops_best']:.1f})")
+    return res
 
 
 def _rmtree(path: Path) -> None:

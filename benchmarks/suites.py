@@ -2,8 +2,11 @@
 
 ``quick``  small models, every TensorFlow method and jacstream variant, under
            3 minutes on 2 cores; CI runs it to check the runner works and every
-           result is exact (timings are not checked).
-``full``   the reference model over T = 100 ... 10000 against every baseline,
+           result is exact (timings are not checked). Its few cheap JAX cases
+           run only where a JAX interpreter is given (``--jax-python``); without
+           one (CI) they are recorded as unavailable, which the check accepts.
+``full``   the reference model over T = 100 ... 10000 against every baseline
+           (PyTorch and JAX included),
            jacstream's variants (strategies, causal=False, no store, a dask
            LocalCluster of 1 and 2 workers), plus a wide, a bigger, a GRU and
            a causal Conv1D model at T=300; about 90 minutes on 2 cores.
@@ -20,7 +23,7 @@ from collections.abc import Callable, Iterable
 from .runner import Case
 from .workloads import Workload
 
-__all__ = ["REFERENCE", "SUITES", "TF_BASELINES", "TORCH_METHODS", "cases_for"]
+__all__ = ["JAX_METHODS", "REFERENCE", "SUITES", "TF_BASELINES", "TORCH_METHODS", "cases_for"]
 
 # The model the person we build for trained (see shared NOTES): batch 10, LSTM(32), 1 -> 1.
 REFERENCE = Workload("lstm-h32", "lstm", T=100)
@@ -31,6 +34,7 @@ JACSTREAM_VARIANTS = ("jacstream-pfor", "jacstream-tile", "jacstream-noncausal",
 DASK_VARIANTS = ("jacstream-dask1", "jacstream-dask2")
 TF_BASELINES = ("tf-eager", "tf-function", "tf-eager-pi50", "tf-eager-nopfor")
 TORCH_METHODS = ("torch-jacobian-vec", "torch-vmap-jacrev", "torch-vmap-jacrev-c50")
+JAX_METHODS = ("jax-vmap-jacrev", "jax-vmap-jacfwd", "keras-jax-jacrev")
 
 
 def cases_for(workload: Workload, methods: Iterable[str], Ts: Iterable[int],
@@ -51,6 +55,7 @@ def full() -> list[Case]:
     cases += cases_for(ref, DASK_VARIANTS, (1000, 3000))       # 1 vs 2 dask worker processes
     cases += cases_for(ref, TF_BASELINES, REFERENCE_TS)
     cases += cases_for(ref, TORCH_METHODS, REFERENCE_TS)
+    cases += cases_for(ref, JAX_METHODS, REFERENCE_TS)
     others = [Workload("lstm-wide", "lstm", T=300, F_in=8, F_out=8),
               Workload("lstm-h256", "lstm", T=300, H=256),
               Workload("gru-h32", "gru", T=300),
@@ -59,6 +64,9 @@ def full() -> list[Case]:
         methods = ["jacstream", "tf-eager", "tf-function"]
         if w.arch == "lstm":
             methods.append("torch-jacobian-vec")
+        if w.arch in ("lstm", "gru"):
+            methods.append("jax-vmap-jacrev")
+        methods.append("keras-jax-jacrev")
         cases += cases_for(w, methods, [w.T])
     # T=10000 with a 4 GiB budget: with 1 GiB a block holds only ~74 rows of 10000 steps
     # and the per-step cost of TensorFlow's while loop (~0.1 ms, paid once per block and
@@ -74,10 +82,12 @@ def quick() -> list[Case]:
     cases += cases_for(lstm, ["tf-eager-nopfor"], (30,))
     cases += cases_for(lstm, ["tf-eager-pi50"], (60,))      # 60 rows: two chunks of 50
     cases += cases_for(lstm, ["jacstream-dask2"], (60,))
+    cases += cases_for(lstm, ["jax-vmap-jacrev", "keras-jax-jacrev"], (60,))
     for w in (Workload("lstm-wide", "lstm", T=30, batch=3, H=8, F_in=3, F_out=3),
               Workload("gru-h8", "gru", T=40, batch=3, H=8),
               Workload("conv-h8", "conv", T=40, batch=3, H=8)):
         cases += cases_for(w, ["jacstream"], (w.T,))
+    cases += cases_for(Workload("gru-h8", "gru", T=40, batch=3, H=8), ["jax-vmap-jacrev"], (40,))
     return cases
 
 

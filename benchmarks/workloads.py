@@ -3,8 +3,8 @@
 A :class:`Workload` is a frozen, hashable description (architecture, sizes,
 seed); it builds its Keras model and its inputs deterministically, so every
 case process of a run sees the same model and the same data. This module
-imports neither TensorFlow nor PyTorch at import time: the runner and the
-PyTorch case processes use it too.
+imports neither TensorFlow nor PyTorch nor JAX at import time: the runner and
+the PyTorch and JAX case processes use it too.
 """
 
 from __future__ import annotations
@@ -14,9 +14,28 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ARCHS", "Workload", "reference"]
+__all__ = ["ARCHS", "Workload", "reference", "useful_flops"]
 
 ARCHS = ("lstm", "gru", "conv")
+
+
+def useful_flops(arch: str, T: int, batch: int, H: int, F_in: int) -> int | None:
+    """The arithmetic floor of a causal RNN's Jacobian, in flops; ``None`` for other archs.
+
+    Each causal pair of steps ``t1 >= t2`` (``T (T + 1) / 2`` of them) costs a
+    state-size square matrix-vector product, ``2 S^2`` flops, per example and
+    input feature; ``S`` is the recurrent state: ``2H`` for an LSTM (h and c),
+    ``H`` for a GRU (see the shared NOTES, "the arithmetic floor").
+
+    >>> useful_flops("lstm", 1000, 10, 32, 1) / 1e9     # the reference model at T=1000
+    41.00096
+    >>> useful_flops("gru", 3, 1, 2, 5), useful_flops("conv", 3, 1, 2, 5)
+    (240, None)
+    """
+    S = {"lstm": 2 * H, "gru": H}.get(arch)
+    if S is None:
+        return None
+    return (T * (T + 1) // 2) * 2 * S * S * batch * F_in
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,11 @@ class Workload:
     def result_nbytes(self) -> int:
         """Bytes of the dense float32 Jacobian ``(batch, T, F_out, T, F_in)``."""
         return self.batch * self.T * self.F_out * self.T * self.F_in * 4
+
+    @property
+    def useful_flops(self) -> int | None:
+        """:func:`useful_flops` of this workload (``None`` when not recurrent)."""
+        return useful_flops(self.arch, self.T, self.batch, self.H, self.F_in)
 
     def with_T(self, T: int) -> Workload:
         return replace(self, T=int(T))

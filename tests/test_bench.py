@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from benchmarks.case import EXACT_RTOL, compare
-from benchmarks.report import check_exact, targets, write_report
-from benchmarks.runner import Case, Settings, _skip_reason, monitor
+from benchmarks.report import check_exact, targets, useful_gflops, write_report
+from benchmarks.runner import Case, Settings, _skip_reason, monitor, run_cases
 from benchmarks.suites import SUITES
 from benchmarks.workloads import Workload
 
@@ -78,6 +78,15 @@ def test_reference_rows_match_batch_jacobian(w: Workload) -> None:
     got, outputs = reference(model, x, pairs)
     assert compare(got, want)["exact"]
     np.testing.assert_allclose(outputs, y.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_useful_flops_is_the_causal_recurrent_floor() -> None:
+    ref = Workload("lstm-h32", "lstm", T=1000)
+    # 500500 causal pairs x 2 x 64^2 flops x 10 examples: the NOTES' ~41 GFLOP at T=1000
+    assert ref.useful_flops == 500500 * 2 * 64**2 * 10 == 41_000_960_000
+    assert Workload("g", "gru", T=4, batch=3, H=5, F_in=2).useful_flops == 10 * 2 * 25 * 3 * 2
+    assert Workload("w", "lstm", T=1, batch=1, H=1, F_in=8, F_out=7).useful_flops == 8 * 8
+    assert Workload("c", "conv", T=300).useful_flops is None
 
 
 # --------------------------------------------------------------------------- checks
@@ -274,6 +283,33 @@ def test_merged_runs_take_the_later_case_and_say_so(tmp_path: Path) -> None:
     assert "Merged from run 1" in md and "run 2 (²): second-run" in md and "²" in md
 
 
+def test_report_shows_useful_gflops_against_the_matmul_rate(tmp_path: Path) -> None:
+    rows = [_row("jacstream", 1000, time_s=2.0, workload="lstm-h32-T1000"),
+            _row("tf-eager", 1000, "oom", time_s=80, workload="lstm-h32-T1000"),
+            _row("jacstream", 300, time_s=1.0, family="conv-h32", workload="conv-h32-T300")]
+    res = _results(rows)
+    res["workloads"] = {"lstm-h32-T1000": Workload("lstm-h32", "lstm", T=1000).to_dict(),
+                        "conv-h32-T300": Workload("conv-h32", "conv", T=300).to_dict()}
+    for w in res["workloads"].values():
+        w["describe"] = "x"
+    res["machine"]["matmul"] = {"gflops": 41.0, "gflops_best": 45.0, "n": 1024,
+                                "seconds": 2.0, "library": "numpy"}
+    assert useful_gflops(rows[0], res) == pytest.approx(20.50048)
+    assert useful_gflops(rows[1], res) is None and useful_gflops(rows[2], res) is None
+    write_report(res, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "float32 matmul rate at the start of the run: **41.0 GFLOP/s**" in md
+    assert "| 20.5 (50%) |" in md and "useful GFLOP/s" in md
+
+
+def test_unavailable_peers_do_not_fail_the_check() -> None:
+    rows = [_row("jax-vmap-jacrev", 60, "unavailable", framework="jax"),
+            _row("keras-jax-jacrev", 60, "unavailable", framework="keras-jax"),
+            _row("torch-vmap-jacrev", 60, "unavailable")]
+    assert check_exact(_results(rows)) == []
+    assert check_exact(_results([_row("tf-eager", 60, "unavailable")])) != []
+
+
 def test_suites_list_their_cases_in_increasing_T() -> None:
     for name, make in SUITES.items():
         cases = make()
@@ -284,6 +320,10 @@ def test_suites_list_their_cases_in_increasing_T() -> None:
             assert c.workload.T > seen.get(key, 0), (name, c.id)
             seen[key] = c.workload.T
     assert not any(c.method.startswith("torch") for c in SUITES["quick"]())
+    full = {c.id for c in SUITES["full"]()}
+    for m in ("jax-vmap-jacrev", "jax-vmap-jacfwd", "keras-jax-jacrev"):
+        assert {f"lstm-h32-T{T}/{m}" for T in (100, 300, 1000, 3000)} <= full
+    assert "gru-h32-T300/jax-vmap-jacrev" in full
 
 
 # --------------------------------------------------------------------------- end to end
@@ -298,6 +338,9 @@ def test_smoke_suite_runs_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["machine"]["versions"]["tensorflow"]
+    matmul = results["machine"]["matmul"]     # measured in its own process at the start
+    assert matmul["status"] == "ok" and matmul["n"] == 1024 and matmul["reps"] >= 1
+    assert 0 < matmul["gflops"] <= matmul["gflops_best"] * 1.01
     # The code the cases ran: this checkout's commit (CI and users run from a clone).
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
@@ -314,6 +357,7 @@ def test_smoke_suite_runs_end_to_end(tmp_path: Path) -> None:
         assert ((c["bytes_on_disk"] or 0) > 0) == (c["method"] == "jacstream")
     md = (out / "report.md").read_text()
     assert md.count("exact (") == 3 and "WRONG" not in md
+    assert f"**{matmul['gflops']:.1f} GFLOP/s**" in md
     assert not head or f"(code at {head[:10]}" in md
     assert (out / "lstm-h4.png").stat().st_size > 10_000
     assert list((out / "logs").glob("*.log"))
@@ -330,3 +374,51 @@ def test_phases_tool_splits_one_call() -> None:
     for phase in ("checks", "detect_causal", "build", "probes", "blocks", "total"):
         assert f"{phase} " in lines[0], (phase, lines[0])
     assert "tile" in lines[0]
+
+
+# --------------------------------------------------------------------------- JAX peers
+JAX_CASES = [Case(Workload("lstm-j", "lstm", T=12, batch=2, H=4, F_in=2, F_out=2), m)
+             for m in ("jax-vmap-jacrev", "jax-vmap-jacfwd", "keras-jax-jacrev")] + \
+            [Case(Workload("gru-j", "gru", T=9, batch=2, H=3, F_in=2), m)
+             for m in ("jax-vmap-jacrev", "keras-jax-jacrev")] + \
+            [Case(Workload("conv-j", "conv", T=9, batch=2, H=3), m)
+             for m in ("jax-vmap-jacrev", "keras-jax-jacrev")]
+
+
+def _jax_python() -> str | None:
+    """``JACSTREAM_JAX_PYTHON``, or this interpreter if it has jax (None: no JAX here)."""
+    import importlib.util
+
+    exe = os.environ.get("JACSTREAM_JAX_PYTHON")
+    return exe or (sys.executable if importlib.util.find_spec("jax") else None)
+
+
+def test_jax_cases_are_unavailable_without_a_jax_interpreter(tmp_path: Path) -> None:
+    """As in CI: no JAX interpreter, so the JAX cases are recorded as unavailable, with why."""
+    settings = Settings(output=tmp_path, timeout=240, matmul_seconds=0,
+                        jax_python=str(tmp_path / "no-such-python"))
+    res = run_cases(JAX_CASES[:3], settings, log=lambda _: None)
+    assert [c["status"] for c in res["cases"]] == ["unavailable"] * 3
+    assert all("no-such-python" in c["error"] for c in res["cases"])
+    assert res["jax"]["python"] is None and "no-such-python" in res["jax"]["note"]
+    assert "matmul" not in res["machine"] and check_exact(res) == []
+
+
+@pytest.mark.skipif(_jax_python() is None,
+                    reason="no JAX here: set JACSTREAM_JAX_PYTHON to an interpreter with jax, "
+                           "numpy and keras (e.g. /work/jaxenv/bin/python)")
+def test_jax_cases_match_the_keras_model(tmp_path: Path) -> None:
+    """The lax.scan LSTM/GRU with the Keras weights, and Keras itself on the JAX backend."""
+    settings = Settings(output=tmp_path, timeout=240, matmul_seconds=0, jax_python=_jax_python())
+    res = run_cases(JAX_CASES, settings, log=lambda _: None)
+    assert res["jax"]["version"] and res["jax"]["keras"], res["jax"]
+    by_id = {c["id"]: c for c in res["cases"]}
+    for case in JAX_CASES:
+        c = by_id[case.id]
+        if case.id == "conv-j-T9/jax-vmap-jacrev":      # no lax.scan model for Conv1D
+            assert c["status"] == "unavailable"
+            continue
+        assert c["status"] == "ok" and c["exact"] is True, c
+        assert c["rel_err"] < 1e-5 and c["forward_max_err"] < 1e-5, c
+        assert c["framework_version"].startswith("jax "), c
+    assert check_exact(res) == []

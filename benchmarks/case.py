@@ -3,8 +3,8 @@
 Three modes, all started and watched by :mod:`benchmarks.runner`:
 
 ``matmul``
-    The machine's float32 matmul rate: NumPy ``N x N`` matmuls for a few
-    seconds, at the start of a run, so that a case's useful GFLOP/s can be read
+    The machine's float32 matmul rate: NumPy and TensorFlow ``N x N`` matmuls
+    for a few seconds each (the faster counts), at the start of a run, so that a case's useful GFLOP/s can be read
     against what this machine does at best.
 
 ``prepare``
@@ -39,6 +39,7 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +238,28 @@ def _forward_err(y: np.ndarray, prep: Path) -> float:
     return float(np.max(np.abs(y - np.load(prep / "outputs.npy"))))
 
 
-def matmul_rate(n: int = 1024, seconds: float = 2.0) -> dict[str, Any]:
-    """float32 ``n x n`` NumPy matmuls for about ``seconds``: the machine's GFLOP/s.
+def _time_matmuls(mm: Callable[[], Any], n: int, seconds: float) -> dict[str, Any]:
+    mm()                                           # warm-up: threads, pages, kernels
+    flops = 2.0 * n**3
+    times: list[float] = []
+    t0 = time.perf_counter()
+    while not times or time.perf_counter() - t0 < seconds:
+        t = time.perf_counter()
+        mm()
+        times.append(time.perf_counter() - t)
+    total = time.perf_counter() - t0
+    return {"gflops": round(flops * len(times) / total / 1e9, 2),
+            "gflops_best": round(flops / min(times) / 1e9, 2),
+            "reps": len(times), "seconds": round(total, 3)}
 
-    ``gflops`` is the whole loop's rate (``2 n^3`` flops per matmul), ``gflops_best``
-    the fastest single matmul's.
+
+def matmul_rate(n: int = 1024, seconds: float = 2.0) -> dict[str, Any]:
+    """float32 ``n x n`` matmuls for about ``seconds`` per library: the machine's GFLOP/s.
+
+    NumPy (its BLAS) and, where it imports, TensorFlow (oneDNN/Eigen, the kernels
+    jacstream's own matmuls run on) are timed in turn; ``gflops`` is the faster
+    library's whole-loop rate (``2 n^3`` flops per matmul), so that a share of it
+    is a share of the best this machine does. ``libraries`` holds each one's.
 
     >>> r = matmul_rate(64, 0.01)
     >>> r["gflops"] > 0 and r["gflops_best"] >= r["gflops"] * 0.5 and r["reps"] >= 1
@@ -251,19 +269,19 @@ def matmul_rate(n: int = 1024, seconds: float = 2.0) -> dict[str, Any]:
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     out = np.empty((n, n), np.float32)
-    np.matmul(a, b, out=out)                       # warm-up: threads, pages
-    flops = 2.0 * n**3
-    times: list[float] = []
-    t0 = time.perf_counter()
-    while not times or time.perf_counter() - t0 < seconds:
-        t = time.perf_counter()
-        np.matmul(a, b, out=out)
-        times.append(time.perf_counter() - t)
-    total = time.perf_counter() - t0
-    return {"gflops": round(flops * len(times) / total / 1e9, 2),
-            "gflops_best": round(flops / min(times) / 1e9, 2),
-            "n": n, "dtype": "float32", "reps": len(times), "seconds": round(total, 3),
-            "library": f"numpy {np.__version__}"}
+    libs = {f"numpy {np.__version__}": _time_matmuls(lambda: np.matmul(a, b, out=out), n,
+                                                     seconds)}
+    try:
+        import tensorflow as tf
+    except ImportError:
+        pass
+    else:
+        ta, tb = tf.constant(a), tf.constant(b)
+        libs[f"tensorflow {tf.__version__}"] = _time_matmuls(
+            lambda: tf.linalg.matmul(ta, tb).numpy(), n, seconds)
+    best = max(libs, key=lambda k: libs[k]["gflops"])
+    return {**libs[best], "n": n, "dtype": "float32", "library": best,
+            "libraries": {k: v["gflops"] for k, v in libs.items()}}
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

@@ -550,7 +550,8 @@ def run_cases(cases: Sequence[Case], settings: Settings,
 def measure_matmul(settings: Settings, scratch: Path,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """The float32 matmul rate (GFLOP/s) of this machine now, in its own process."""
-    log(f"matmul rate ({settings.matmul_seconds:g} s of 1024x1024 float32 NumPy matmuls) ...")
+    log(f"matmul rate ({settings.matmul_seconds:g} s each of 1024x1024 float32 NumPy and "
+        "TensorFlow matmuls) ...")
     spec = {"mode": "matmul", "n": 1024, "seconds": settings.matmul_seconds,
             "workdir": str(scratch / "specs")}
     mon, res = _spawn(spec, sys.executable, settings, "matmul",

@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 JAX_PYTHON ?=
 BENCH_PEERS := $(if $(JAX_PYTHON),--jax-python $(JAX_PYTHON))
 
-.PHONY: demo test check bench bench-quick clean
+.PHONY: demo test test-numerics check bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check jacstream tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --durations=15
+
+## test-numerics: only the test modules that compare computations (CI reruns them with
+## other kernels: TF_ENABLE_ONEDNN_OPTS=0, OMP_NUM_THREADS=1, ONEDNN_MAX_CPU_ISA=AVX2)
+NUMERIC_TESTS := tests/test_core.py tests/test_causal.py tests/test_strategies.py \
+                 tests/test_pfor.py tests/test_properties.py tests/test_analysis.py \
+                 tests/test_dask.py tests/test_resume.py tests/test_sensitivity.py
+test-numerics: $(VENV)/.installed-test
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 $(NUMERIC_TESTS)
 
 ## bench-quick: the benchmark runner's smoke suite (under 3 minutes)
 bench-quick: $(VENV)/.installed-test

@@ -9,17 +9,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-# One place for tolerances: float32 Jacobians against tf.GradientTape.batch_jacobian.
+# One place for tolerances. Two *different* computations of the same float32 values (another
+# strategy, kernel, block size, op order, a cuDNN-free copy, tf.GradientTape.batch_jacobian)
+# agree only to float32 rounding, and how the last bits fall depends on the CPU (AVX-512 or
+# AVX2-only), oneDNN on or off and the thread count (shared/NOTES.md, "Machines differ"):
+# compare them with assert_jacobian_close. Bitwise assertions are kept only where the very
+# same computation is repeated (or stored bytes are read back), each with a comment saying why.
 RTOL = 1e-5
-ATOL_REL = 1e-5  # absolute tolerance, relative to the largest |entry| of the reference
+ATOL_REL = 1e-5  # absolute tolerance, relative to the largest finite |entry| of the reference
 
 
-def assert_jacobian_close(actual: np.ndarray, expected: np.ndarray, what: str = "") -> None:
-    """Assert two Jacobians agree to float32 tolerance (shape first)."""
+def assert_jacobian_close(actual, expected, what: str = "") -> None:
+    """Assert two results of different float32 computations agree to float32 rounding.
+
+    For Jacobians and any other float32 results (model outputs, reductions). Shapes must
+    match; NaN must be NaN at the same places.
+    """
     actual = np.asarray(actual)
     expected = np.asarray(expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    finite = np.abs(expected[np.isfinite(expected)])
+    scale = float(finite.max()) if finite.size else 0.0
     np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL_REL * max(scale, 1e-30),
                                err_msg=what)
 

@@ -20,7 +20,8 @@ def test_causal_models_exact_with_every_setting(model_case, causal, tmp_path):
     J = jacstream.jacobian(model, x, tmp_path / "j.zarr", causal=causal, block_size=5,
                            progress=False)
     assert_jacobian_close(J[...], ref, f"causal={causal}")
-    # the reference itself has an exactly zero upper triangle
+    # the reference itself has an exactly zero upper triangle (no path from a later input:
+    # exact zeros in any arithmetic)
     T = x.shape[1]
     upper = np.triu(np.ones((T, T), bool), k=1)
     assert np.all(ref[:, :, :, :, :].transpose(0, 2, 4, 1, 3)[..., upper] == 0)
@@ -79,6 +80,8 @@ def test_zero_triangle_chunks_are_never_written(tmp_path):
     lower = {(cp, ci) for cp in range(n) for ci in range(n) if ci <= cp}
     assert present == lower  # the n(n-1)/2 chunks above the diagonal do not exist
     full = J[...]
+    # exact zeros: chunks above the diagonal read as the fill value, entries in diagonal
+    # chunks have no path from a later input
     assert np.all(full[0, :, 0, :, 0][np.triu_indices(T, 1)] == 0)
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import assert_jacobian_close
 
 import jacstream
 from jacstream.cli import main, parse_out_steps
 
-RTOL, ATOL = 1e-5, 1e-6
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -120,7 +120,7 @@ def test_parse_out_steps(text, want):
 def test_compute_matches_batch_jacobian(store, files):
     J = jacstream.open(store)
     assert J.complete and J.n_blocks == 3
-    np.testing.assert_allclose(J[...], files["ref"], rtol=RTOL, atol=ATOL)
+    assert_jacobian_close(J[...], files["ref"])
 
 
 def test_compute_from_a_zarr_array_with_options(files, tmp_path, capsys):
@@ -133,7 +133,7 @@ def test_compute_from_a_zarr_array_with_options(files, tmp_path, capsys):
     J = jacstream.open(out)
     assert list(J.out_steps) == [2, 5, 8, 11] and J.plan.n_example_blocks == 2
     assert not J.causal
-    np.testing.assert_allclose(J[...], files["ref"][:, 2:12:3], rtol=RTOL, atol=ATOL)
+    assert_jacobian_close(J[...], files["ref"][:, 2:12:3])
 
 
 def test_second_compute_resumes(files, tmp_path, capsys):
@@ -150,7 +150,7 @@ def test_second_compute_resumes(files, tmp_path, capsys):
     J = jacstream.open(out)
     last = J.attrs["runs"][-1]
     assert (last["blocks_computed"], last["blocks_skipped"]) == (2, 1)
-    np.testing.assert_allclose(J[...], files["ref"], rtol=RTOL, atol=ATOL)
+    assert_jacobian_close(J[...], files["ref"])
 
 
 def test_store_of_another_job_needs_overwrite(files, store, tmp_path, capsys):
@@ -206,8 +206,8 @@ def test_model_with_code_needs_unsafe(files, tmp_path, capsys):
     assert code == 2 and "--unsafe" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(*argv, "--unsafe", capsys=capsys)
     assert code == 0, err
-    np.testing.assert_allclose(jacstream.open(tmp_path / "j.zarr")[...],
-                               batch_jacobian(model, files["x"]), rtol=RTOL, atol=ATOL)
+    assert_jacobian_close(jacstream.open(tmp_path / "j.zarr")[...],
+                          batch_jacobian(model, files["x"]))
 
 
 # --------------------------------------------------------------------------- info, plot, demo
@@ -246,7 +246,7 @@ def test_demo_small(tmp_path, capsys):
     assert J.shape == (2, 24, 1, 24, 1) and J.complete
     model = keras.saving.load_model(tmp_path / "model.keras")
     x = np.load(tmp_path / "inputs.npy")
-    np.testing.assert_allclose(J[...], batch_jacobian(model, x), rtol=RTOL, atol=ATOL)
+    assert_jacobian_close(J[...], batch_jacobian(model, x))
 
 
 # --------------------------------------------------------------------------- a real process
@@ -256,7 +256,7 @@ def test_subprocess_compute_info_and_error(files, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "2 / 2 done" in p.stdout
     assert "Traceback" not in p.stderr
-    np.testing.assert_allclose(jacstream.open(out)[...], files["ref"], rtol=RTOL, atol=ATOL)
+    assert_jacobian_close(jacstream.open(out)[...], files["ref"])
 
     p = subprocess_run("info", out)
     assert p.returncode == 0 and "2 / 2 done" in p.stdout

@@ -73,6 +73,7 @@ def test_default_plan_from_memory_budget_is_exact(model_case, strategy, tmp_path
 def test_indexing_reads_like_numpy(model_case, tmp_path):
     model, x, ref, _ = model_case
     J = jacstream.jacobian(model, x, tmp_path / "j.zarr", block_size=4, progress=False)
+    # Bitwise: both sides read the same stored values, only the indexing differs.
     for key in [(0,), (slice(None), 7), (1, slice(3, 9), 0, slice(None, 10)),
                 (Ellipsis, 0), ([0, 2], [1, 5])]:
         np.testing.assert_array_equal(J[key], np.asarray(J)[key] if not isinstance(key[0], list)
@@ -130,7 +131,7 @@ def test_reopen_in_fresh_process_reads_identical_values(tmp_path):
     got = json.loads(out.stdout)
     assert got["shape"] == list(J.shape) and got["steps"] == J.out_steps.tolist()
     assert got["complete"] is True and got["attrs"] == J.attrs["model"]
-    assert bytes.fromhex(got["bytes"]) == J[...].tobytes()
+    assert bytes.fromhex(got["bytes"]) == J[...].tobytes()   # the same stored bytes
     assert got["tf_loaded"] is False  # reading a store needs no TensorFlow
 
 

@@ -2,7 +2,11 @@
 
 One cluster serves the whole module (each worker imports TensorFlow once).
 Every distributed result is compared bit for bit with a local run of the same
-job, and the local run with ``tf.GradientTape.batch_jacobian``. To interrupt
+job: a worker loads the same weights, prepares the model and traces the block
+function as the local run does, and computes the same blocks with the same
+strategy and shapes on the same machine, with as many TensorFlow threads as
+this process (the fixture sees to that). The local run is compared with
+``tf.GradientTape.batch_jacobian``, another computation, to float32 rounding. To interrupt
 runs or kill a worker mid-block deterministically, the workers' completion
 markers are slowed down through ``client.run`` (the marker is written after a
 block's chunks, so a kill during the delay leaves written but unmarked chunks).
@@ -19,6 +23,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import assert_jacobian_close
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -141,10 +146,15 @@ def client():
     from distributed import Client, LocalCluster
 
     # Workers import TensorFlow before they register (a worker restarted after a
-    # kill too), so that no task of a run waits on the import.
+    # kill too), so that no task of a run waits on the import. The nanny sets
+    # OMP_NUM_THREADS=1 in its workers, which TensorFlow takes as its number of
+    # intra-op threads: give them this process's, so that a block is computed with
+    # the same threads (and the same reduction splits) on both sides.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            memory_limit="3GiB", dashboard_address=":0",
-                           silence_logs=logging.ERROR, preload=["jacstream._tf"])
+                           silence_logs=logging.ERROR, preload=["jacstream._tf"],
+                           env={"OMP_NUM_THREADS": threads})
     c = Client(cluster)
     try:
         yield c
@@ -161,9 +171,7 @@ def lstm_local(tmp_path_factory):
     res = jacstream.jacobian(model, x, tmp_path_factory.mktemp("local") / "j.zarr",
                              strategy="pfor", **OPTS)
     assert res.complete and res.n_blocks == N_BLOCKS
-    ref = reference(model, x)
-    scale = np.abs(ref).max()
-    np.testing.assert_allclose(full(res), ref, rtol=1e-5, atol=1e-5 * scale)
+    assert_jacobian_close(full(res), reference(model, x), "local pfor vs batch_jacobian")
     return model, x, full(res)
 
 
@@ -185,8 +193,7 @@ def test_distributed_equals_local_bitwise(client, tmp_path, request, which, as_z
         model, x = {"callable": callable_model, "lambda": lambda_model}[which](), inputs()
         local = jacstream.jacobian(model, x, tmp_path / "local.zarr", strategy=strategy, **OPTS)
         expected = full(local)
-        ref = reference(model, x)
-        np.testing.assert_allclose(expected, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        assert_jacobian_close(expected, reference(model, x), f"local {strategy} vs batch_jacobian")
     xin = x
     if as_zarr:   # workers read their slabs from the zarr array themselves
         xin = zarr.create_array(str(tmp_path / "x.zarr"), shape=x.shape, dtype="float32",
@@ -197,6 +204,7 @@ def test_distributed_equals_local_bitwise(client, tmp_path, request, which, as_z
                               client=client, on_block=seen.append, **OPTS)
     assert dist.complete
     assert sorted(b.index for b in seen) == list(range(N_BLOCKS))
+    # Bitwise: the same traced function on the same blocks (module docstring).
     assert full(dist).tobytes() == expected.tobytes(), "distributed != local (bitwise)"
     assert dist.plan.strategy == strategy
 
@@ -255,6 +263,7 @@ def test_runs_resume_across_executors(client, tmp_path, lstm_local, monkeypatch)
     assert res.complete
     assert res.stats["blocks_skipped"] == done
     assert res.stats["blocks_computed"] == N_BLOCKS - done
+    # Bitwise: every block by pfor on the stored plan, locally or on a worker (docstring).
     assert full(res).tobytes() == expected.tobytes()
     assert [r.get("executor", "local") for r in res.attrs["runs"]] == ["local"]
 
@@ -332,6 +341,7 @@ def test_killed_worker_still_gives_complete_identical_result(client, tmp_path, l
     assert 8 <= done_at_kill < N_BLOCKS, done_at_kill
     res = out["result"]
     assert res.complete and n_markers(path) == N_BLOCKS
+    # Bitwise: the same traced function on the same blocks, whichever worker ran them.
     assert np.array_equal(full(res), expected)
     assert victim not in client.run(os.getpid).values()
 

@@ -192,4 +192,6 @@ def test_stacks_what_pfors_own_retry_stacks(name, monkeypatch):
     (plain_stacks, plain), (fast_stacks, fast_jac) = results[False], results[True]
     assert plain_stacks, "pfor retried no loop conversion: nothing to compare"
     assert fast_stacks == plain_stacks
+    # Bitwise: with the same inputs stacked, pfor converts the loop into the same ops, so both
+    # graphs are the same computation; a tolerance would hide a conversion that differs.
     np.testing.assert_array_equal(fast_jac, plain)

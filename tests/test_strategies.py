@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -172,6 +171,8 @@ def test_forward_resume_recomputes_only_missing_blocks(tmp_path):
         os.remove(path / "jacstream_blocks" / f"{i:08d}.done")
     again = jacstream.jacobian(model, x, path, progress=False)   # strategy from the store
     assert sorted(again.stats["computed_blocks"]) == [1, 3] and again.complete
+    # Bitwise: the stored plan's strategy and blocking, so blocks 1 and 3 are computed again by
+    # the same traced function on the same inputs and shapes, in the same process.
     np.testing.assert_array_equal(again[...], full)
     assert again.plan.strategy == "forward"
 
@@ -211,7 +212,9 @@ def test_auto_trial_times_every_candidate_and_keeps_their_blocks(tmp_path, monke
     rec2 = J2.attrs["strategy_choice"]
     assert rec2["cached"] is True and rec2["strategy"] == rec["strategy"]
     assert "chosen earlier in this process" in rec2["reason"]
-    np.testing.assert_array_equal(J2[...], J[...][::-1])
+    # The same strategy, but each example sits at another row of its block's batch (other
+    # GEMM tiles): equal to float32 rounding, not bitwise.
+    assert_jacobian_close(J2[...], J[...][::-1], "cached choice, examples reversed")
 
 
 def test_auto_skips_trials_a_short_job_cannot_pay_for(tmp_path, monkeypatch):
@@ -259,9 +262,18 @@ class _FakeFn:
         self.strategy, self.seconds, self.notes, self.impl = strategy, seconds_per_step, [], "x"
 
 
-def test_choose_picks_the_fastest_measured_and_skips_unavailable():
+def test_choose_picks_the_fastest_measured_and_skips_unavailable(monkeypatch):
     class StrategyUnavailable(Exception):
         pass
+
+    class Clock:   # the trial's clock advances only by the simulated block times
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            return cls.now
+
+    monkeypatch.setattr(_strategy, "time", Clock)
 
     speeds = {"pfor": 0.002, "tile": 0.0005}
 
@@ -277,7 +289,7 @@ def test_choose_picks_the_fastest_measured_and_skips_unavailable():
 
     def run_block(fn, plan, block):
         ran.append((fn.strategy, block.index))
-        time.sleep(fn.seconds * (block.positions[1] - block.positions[0]))
+        Clock.now += fn.seconds * (block.positions[1] - block.positions[0])
         return ("data", block.index)
 
     s = _shapes(40, f_out=8)     # forward is a candidate (fewer columns than rows)
@@ -321,6 +333,7 @@ def test_reduced_precision_storage_within_documented_error(f32_job, dtype, rel, 
             "print(np.asarray(J[...], dtype=np.float32).tobytes().hex())\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "j.zarr")],
                          capture_output=True, text=True, check=True)
+    # Bitwise: the same stored bytes read back and widened to float32 the same way.
     assert bytes.fromhex(out.stdout.strip()) == got.astype(np.float32).tobytes()
 
 
@@ -379,7 +392,7 @@ def rnn_zoo():
     return keras.Model(inp, L.TimeDistributed(L.Dense(2))(h))
 
 
-def test_cudnn_rewrite_runs_on_cpu_with_identical_outputs(rnn_zoo):
+def test_cudnn_rewrite_runs_on_cpu_with_equal_outputs(rnn_zoo):
     from jacstream import _tf
 
     x = np.random.default_rng(12).normal(size=(2, 9, 2)).astype("float32")
@@ -393,7 +406,9 @@ def test_cudnn_rewrite_runs_on_cpu_with_identical_outputs(rnn_zoo):
     assert all(sub.use_cudnn == "auto" for layer in rnn_zoo.layers
                for sub in layer._flatten_layers(include_self=True, recursive=True)
                if hasattr(sub, "use_cudnn"))
-    np.testing.assert_array_equal(np.asarray(prepared.call(x)), np.asarray(rnn_zoo(x)))
+    # The same function through other kernels: equal to float32 rounding (an AVX2-only EPYC
+    # differs in the last bit, shared/NOTES.md "Machines differ").
+    assert_jacobian_close(prepared.call(x), rnn_zoo(x), "cuDNN-free copy vs original")
     # by default (on the CPU) only the TimeDistributed head is rewritten
     default = _tf.prepare_model(rnn_zoo, x, _tf.resolve_device("cpu"))
     assert not any("no cuDNN" in r for r in default.rewritten)

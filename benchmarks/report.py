@@ -230,7 +230,46 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                               f"T={T}", **_vs_torch(rows, T)})
     out.append({"target": "jacstream finishes T=10000 where the TF baselines do not",
                 **_longest(rows, 10000)})
+    # Issue 18: the recurrent strategy against the strongest peer, the floor and the budget.
+    out.append({"target": "jacstream >= 30x faster than eager batch_jacobian, T=300",
+                **_speedup(js300, _row(rows, "tf-eager", 300), 30, "time", cap)})
+    for T, need in ((1000, 2), (3000, 3)):
+        out.append({"target": f"jacstream >= {need}x faster than jax-vmap-jacrev, T={T}",
+                    **_speedup(_row(rows, JACSTREAM, T), _row(rows, "jax-vmap-jacrev", T),
+                               need, "time", cap)})
+    out.append({"target": "jacstream T=10000 in under 150 s, peak RSS increase under its "
+                          "memory budget", **_within(rows, results, 10000, 150.0)})
+    out.append({"target": "jacstream useful GFLOP/s >= half the matmul rate, T=3000",
+                **_share_of_matmul(_row(rows, JACSTREAM, 3000), results, 0.5)})
     return out
+
+
+def _within(rows: list[dict[str, Any]], results: dict[str, Any], T: int,
+            seconds: float) -> dict[str, Any]:
+    from jacstream._plan import format_bytes, parse_memory
+
+    js = _row(rows, JACSTREAM, T)
+    if not _ok(js):
+        return _js_failed(js)
+    budget = parse_memory(js.get("memory_budget")
+                          or results.get("settings", {}).get("memory_budget") or None)
+    inc = js.get("peak_rss_increase")
+    text = f"{fmt_time(js['time_s'])}"
+    if budget is None or inc is None:
+        return {"measured": text + ", no budget or peak recorded", "met": None}
+    text += f", peak RSS increase {fmt_bytes(inc)} (budget {format_bytes(budget)})"
+    return {"measured": text, "met": bool(js["time_s"] < seconds and inc < budget)}
+
+
+def _share_of_matmul(js: dict[str, Any] | None, results: dict[str, Any],
+                     share: float) -> dict[str, Any]:
+    if not _ok(js):
+        return _js_failed(js)
+    g, peak = useful_gflops(js, results), matmul_gflops(results)
+    if g is None or not peak:
+        return {"measured": "useful GFLOP/s or matmul rate not recorded", "met": None}
+    return {"measured": f"{g:.3g} GFLOP/s = {g / peak:.0%} of {peak:.3g} GFLOP/s",
+            "met": bool(g >= share * peak)}
 
 
 def _vs_torch(rows: list[dict[str, Any]], T: int) -> dict[str, Any]:

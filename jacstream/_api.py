@@ -264,7 +264,9 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     build = _Builder(m, dev, model)
     t_out = m.t_out_before_tracing(build, fixed)
     steps = normalize_out_steps(out_steps, t_out)
-    if causal == "auto":
+    if causal == "auto" and m.builtin_chain is not None and m.t_in == t_out:
+        is_causal, reason = True, f"{m.builtin_chain}: causal by construction"
+    elif causal == "auto":
         is_causal, reason = (_tf.detect_causal(model, m.call, m.short, dev)
                              if m.t_in == t_out else (False, "output and input lengths differ"))
     else:
@@ -383,6 +385,9 @@ class _ModelInfo:
     t_in: int
     f_in: int
     f_out: int
+    # Why the model is a chain of Keras' own layers (None if it is not): such a model is
+    # per example, deterministic, differentiable and causal by its layers' definitions.
+    builtin_chain: str | None = None
 
     @property
     def call(self) -> Any:
@@ -424,9 +429,14 @@ def _inspect_model(model: Any, x: Any, dev: str, out_steps: Any) -> _ModelInfo:
             "can be differentiated. Return the float values before any cast, argmax or round.")
     if short.shape[1] == t_in:  # the eager output has the full length: fail before tracing
         normalize_out_steps(out_steps, int(y_short.shape[1]))
-    _tf.check_batch_independence(prepared.call, short, dev, y_short)
-    _tf.check_differentiable(prepared.call, short, dev)
-    return _ModelInfo(prepared, sample, short, y_short, batch, t_in, f_in, int(y_short.shape[2]))
+    from ._sensitivity import builtin_chain
+
+    trusted, why = builtin_chain(model)
+    if not trusted:   # Keras' own per-step and RNN layers hold these by definition
+        _tf.check_batch_independence(prepared.call, short, dev, y_short)
+        _tf.check_differentiable(prepared.call, short, dev)
+    return _ModelInfo(prepared, sample, short, y_short, batch, t_in, f_in, int(y_short.shape[2]),
+                      why if trusted else None)
 
 
 class _Builder:

@@ -36,6 +36,7 @@ loop over Jacobian rows, no vectorised backward pass.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,6 +204,43 @@ def decompose(model: Any) -> Chain:
     if not rnns:
         raise NotApplicable("the model has no recurrent layer")
     return Chain(rnns, pending, names)
+
+
+_BUILTIN_RNNS = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
+_BUILTIN_STEPS = (keras.layers.Dense, keras.layers.Dropout, keras.layers.Activation,
+                  keras.layers.LayerNormalization, keras.layers.ReLU, keras.layers.LeakyReLU,
+                  keras.layers.ELU, keras.layers.Softmax, keras.layers.GaussianNoise,
+                  keras.layers.GaussianDropout, keras.layers.AlphaDropout,
+                  keras.layers.Identity, keras.layers.BatchNormalization)
+
+
+def _builtin_activation(fn: Any) -> bool:
+    return fn is None or str(getattr(fn, "__module__", "")).startswith("keras.src.activations")
+
+
+def builtin_chain(model: Any) -> tuple[bool, str]:
+    """Whether ``model`` is a chain of Keras' own per-step and forward recurrent layers only.
+
+    Exact types (no subclasses), Keras activations only. Such a model cannot mix
+    examples, is deterministic at inference, differentiable, and causal, by the
+    layers' own definitions: the eager checks that establish this numerically
+    for other models can be skipped. Returns ``(ok, why)``.
+    """
+    try:
+        chain = decompose(model)
+    except NotApplicable as e:
+        return False, str(e)
+    layers = [r.layer for r in chain.rnns] + [la for r in chain.rnns for la in r.before] \
+        + list(chain.head)
+    for la in layers:
+        inner = la.layer if type(la) is keras.layers.TimeDistributed else la
+        if type(inner) not in _BUILTIN_RNNS + _BUILTIN_STEPS:
+            return False, f"{type(inner).__name__}({inner.name}) is not one of Keras' own layers"
+        for attr in ("activation", "recurrent_activation"):
+            if not _builtin_activation(getattr(inner, attr, None)):
+                return False, f"{inner.name} has a custom {attr}"
+    return True, ("a chain of Keras' own per-step and forward recurrent layers ("
+                  + chain.describe() + ")")
 
 
 # --------------------------------------------------------------------------- numerics
@@ -392,6 +430,7 @@ class SensitivityFunction:
         self._chunk_fns: dict[int, Any] = {}
         self.chunk = CHUNK
         self.batch_hint = 1           # examples the cost model plans for (build() sets it)
+        self.setup_seconds = 0.0      # the last sweep's start: its forward pass
 
     # -- traced pieces ----------------------------------------------------
     def _forward(self, x: tf.Tensor) -> tuple[list[tf.Tensor], ...]:
@@ -628,6 +667,22 @@ class SensitivityFunction:
         return CostModel(fixed=float(fixed), per_step=float(per_step),
                          per_row_step=float(8 * self.f_in), measured=False)
 
+    def block_work(self, plan: Any, block: Any) -> float:
+        """Floating-point operations of the sweep through ``block``'s steps (for auto's trial).
+
+        Per example and step: the chunk's small products (``S^3`` for a
+        propagator, ``k S^2 F_in`` for the chunk's own columns) and the old
+        columns (``n (S^2 / k + S F_out)`` with ``n`` columns carried; counted
+        without the exact zeros that the sweep drops, so an upper bound).
+        """
+        size, k = self.chain.state_size, self.chunk
+        p0, p1 = block.positions
+        first = plan.out_steps[p0 - 1] + 1 if p0 > 0 else 0
+        steps = np.arange(first, plan.out_steps[p1 - 1] + 1, dtype=np.float64)
+        n = steps * self.f_in
+        per = size ** 3 + k * size * size * self.f_in + n * (size * size / k + size * self.f_out)
+        return float((block.examples[1] - block.examples[0]) * per.sum())
+
     def start(self, x: np.ndarray) -> _Sweep:
         """A new sweep over inputs ``x`` (forward pass and its reproduction check)."""
         return _Sweep(self, x)
@@ -688,6 +743,7 @@ class _Sweep:
     """One slab of examples swept forward in time, one chunk of steps per traced call."""
 
     def __init__(self, fn: SensitivityFunction, x: np.ndarray) -> None:
+        t0 = time.perf_counter()
         self.fn, self.x = fn, np.ascontiguousarray(x, dtype=np.float32)
         with tf.device(fn.device):
             us, ss, init, y = fn._forward_fn(tf.constant(self.x))
@@ -700,6 +756,7 @@ class _Sweep:
         self.lo = 0          # first input step still carried in z
         self.t = 0           # next step to sweep
         self.pending: dict[int, tuple[int, np.ndarray]] = {}   # step -> (lo, its rows)
+        fn.setup_seconds = time.perf_counter() - t0
 
     def continues(self, x: np.ndarray, first: int) -> bool:
         """Whether the rows from step ``first`` on can be had by sweeping on."""

@@ -144,13 +144,21 @@ def _update_remaining(trials: dict[str, _Trial]) -> None:
     Blocks computed by any trial on the same blocking are kept, so they do not count.
     """
     for t in trials.values():
-        done = sum(_block_work(u.plan, u.block) for u in trials.values()
+        done = sum(_block_work(u.plan, u.block, t.fn) for u in trials.values()
                    if u.block is not None and _same_blocks(u.plan, t.plan))
-        total = sum(_block_work(t.plan, b) for b in t.plan.blocks)
+        total = sum(_block_work(t.plan, b, t.fn) for b in t.plan.blocks)
         t.remaining = t.seconds_per_work * max(0.0, total - done)
 
 
-def _block_work(plan: Plan, b: Block) -> float:
+def _block_work(plan: Plan, b: Block, fn: Any = None) -> float:
+    """A block's work in the units its time scales with.
+
+    Rows (or columns) x input steps, unless the block function counts its own
+    (``fn.block_work``: a sweep's cost grows with the columns it carries, not
+    with the rows of the block).
+    """
+    if fn is not None and hasattr(fn, "block_work"):
+        return float(fn.block_work(plan, b))
     e = b.examples[1] - b.examples[0]
     if plan.axis == "in":
         c0, c1 = b.columns
@@ -244,7 +252,11 @@ def choose(candidates: Sequence[str], shapes: Shapes, *, build: Callable[[str], 
             trial.result = run_block(fn, plan, block)
             trial.block_seconds = time.perf_counter() - t1
             trial.block = block
-            trial.seconds_per_work = trial.block_seconds / max(1.0, _block_work(plan, block))
+            # A sweep's one-time start (its forward pass over the whole sequence) is not
+            # paid again by the blocks after it.
+            once = float(getattr(fn, "setup_seconds", 0.0))
+            trial.seconds_per_work = max(0.0, trial.block_seconds - once) / max(
+                1.0, _block_work(plan, block, fn))
         trials[c] = trial
         _update_remaining(trials)
 

@@ -137,12 +137,14 @@ def test_model_that_needs_more_steps_than_the_short_checks_is_checked_longer(tmp
     """A valid convolution longer than the first check prefix: checked on a longer one."""
     import keras
 
+    from jacstream.engine.checks import SHORT_STEPS
+
     keras.utils.set_random_seed(3)
     model = keras.Sequential([keras.Input((None, 2)),
                               keras.layers.Conv1D(3, 20, padding="valid", activation="tanh"),
                               keras.layers.Dense(1)])
     x = np.random.default_rng(0).normal(size=(3, 100, 2)).astype("float32")
-    assert min(jacstream._api.SHORT_STEPS) < 20 <= max(jacstream._api.SHORT_STEPS) < 100
+    assert min(SHORT_STEPS) < 20 <= max(SHORT_STEPS) < 100
     J = jacstream.jacobian(model, x, tmp_path / "j.zarr", progress=False, block_size=16)
     assert J.shape == (3, 81, 1, 100, 2)
     assert J.attrs["causal"] is False

@@ -15,9 +15,9 @@ import pytest
 import zarr
 
 import jacstream
-from jacstream import _inputs
-from jacstream._inputs import LazyInputs, as_inputs
 from jacstream.errors import InputError
+from jacstream.run import inputs as _inputs
+from jacstream.run.inputs import LazyInputs, as_inputs
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -153,7 +153,7 @@ def test_spool_writes_whole_chunks_and_keeps_order(tmp_path, monkeypatch):
 _KILLED_WHILE_SPOOLING = """
 import sys, time
 import numpy as np
-from jacstream._inputs import as_inputs
+from jacstream.run.inputs import as_inputs
 
 def batches():
     yield np.zeros((2, 5, 1), np.float32)

@@ -25,9 +25,9 @@ from conftest import (
 )
 
 import jacstream
-from jacstream import _strategy
-from jacstream._plan import CostModel, Plan, make_plan
 from jacstream.errors import DeviceError, InputError, NonFiniteError
+from jacstream.planning import CostModel, Plan, make_plan
+from jacstream.planning import choice as _strategy
 
 T = 23  # the model_case fixture's sequence length
 ALL_MODELS = CAUSAL_MODELS + NONCAUSAL_MODELS
@@ -228,14 +228,28 @@ def _shapes(t, f_in=1, f_out=1, kind="recurrent", n_params=4385):
     return _strategy.Shapes(10, t, f_in, f_out, tuple(range(t)), True, kind, n_params)
 
 
-def test_predictions_follow_the_measured_crossovers():
+def test_prediction_crosses_over_where_its_lines_meet():
+    """tile's cheaper trace wins short jobs and pfor's cheaper rows long ones, switching where
+    trace + rate x work meet: the crossover is computed here from the registry's numbers and
+    the causal work 10 * T (T + 1) / 2 (rows x input steps fed), not by predict itself."""
+    from jacstream.planning.strategies import REGISTRY
+
     def first(s):
         names, _ = _strategy.candidates(s)
         return min(names, key=lambda c: sum(_strategy.predict(c, s)))
 
-    # shared/NOTES reference model: tile's fast trace wins short jobs, pfor long ones
-    assert first(_shapes(300)) == "tile"
-    assert first(_shapes(1000)) == "pfor"
+    tile, pfor = REGISTRY["tile"], REGISTRY["pfor"]
+    per_step = _strategy.SECONDS_PER_PARAM_STEP["recurrent"] * 4385
+    work = (pfor.trace["recurrent"] - tile.trace["recurrent"]) / (
+        (tile.rate["recurrent"] - pfor.rate["recurrent"]) * per_step)
+    t_cross = (-1 + (1 + 8 * work / 10) ** 0.5) / 2        # 10 * T (T + 1) / 2 == work
+    below, above = int(t_cross) - 1, int(t_cross) + 2
+    assert first(_shapes(below)) == "tile" and first(_shapes(above)) == "pfor"
+    s = _shapes(above)
+    assert _strategy.predict("pfor", s) == pytest.approx(
+        (pfor.trace["recurrent"], pfor.rate["recurrent"] * per_step * 10 * above * (above + 1) / 2))
+    # shared/NOTES reference model: tile at T=300, pfor at T=1000
+    assert first(_shapes(300)) == "tile" and first(_shapes(1000)) == "pfor"
     # many output features, one input feature: forward mode
     assert first(_shapes(1000, f_in=1, f_out=64, kind="feedforward", n_params=50_000)) \
         == "forward"
@@ -327,7 +341,7 @@ def test_float16_refuses_values_it_would_store_as_inf(tmp_path):
 @pytest.mark.parametrize("name", ["cpu", "CPU", "CPU:0", "cpu:0", "/device:CPU:0",
                                   "/job:localhost/replica:0/task:0/device:CPU:0"])
 def test_cpu_device_names_resolve(name):
-    from jacstream import _tf
+    from jacstream.engine import devices as _tf
 
     assert _tf.resolve_device(name).endswith("device:CPU:0")
 
@@ -335,7 +349,7 @@ def test_cpu_device_names_resolve(name):
 def test_missing_devices_raise_device_error():
     import tensorflow as tf
 
-    from jacstream import _tf
+    from jacstream.engine import devices as _tf
 
     bad = ["tpu", "cpu:7", "potato"] + ([] if tf.config.list_logical_devices("GPU") else
                                         ["gpu", "GPU:0", "/device:GPU:0"])
@@ -344,16 +358,28 @@ def test_missing_devices_raise_device_error():
             _tf.resolve_device(name)
     with pytest.raises(DeviceError, match="string"):
         _tf.resolve_device(0)
-    assert isinstance(DeviceError("x"), ValueError)
+    with pytest.raises(ValueError, match="does not exist here"):   # the builtin a caller catches
+        _tf.resolve_device("cpu:7")
 
 
 def test_memory_probe_measures_the_device_it_runs_on():
-    from jacstream import _memory, _tf
+    """The tracker a probe uses is entered and sees memory taken on its device."""
+    import tensorflow as tf
 
-    assert isinstance(_tf.peak_tracker("/job:localhost/replica:0/task:0/device:CPU:0"),
-                      _memory.PeakTracker)
-    gpu = _tf.peak_tracker("/job:localhost/replica:0/task:0/device:GPU:0")
-    assert isinstance(gpu, _tf._DevicePeak) and gpu.device == "GPU:0"
+    from jacstream.engine import devices
+
+    with devices.peak_tracker(devices.resolve_device("cpu")) as t:
+        buf = np.ones(64 * 2**20 // 8)   # 64 MiB, touched
+        del buf
+    assert t.increase >= 48 * 2**20
+    if not tf.config.list_logical_devices("GPU"):
+        return
+    gpu = devices.resolve_device("gpu")
+    with devices.peak_tracker(gpu) as t:
+        with tf.device(gpu):
+            a = tf.ones((64 * 2**20 // 4,))
+            del a
+    assert 48 * 2**20 <= t.increase
 
 
 @pytest.fixture(scope="module")
@@ -369,10 +395,10 @@ def rnn_zoo():
 
 
 def test_cudnn_rewrite_runs_on_cpu_with_identical_outputs(rnn_zoo):
-    from jacstream import _tf
+    from jacstream.engine import devices, models
 
     x = np.random.default_rng(12).normal(size=(2, 9, 2)).astype("float32")
-    prepared = _tf.prepare_model(rnn_zoo, x, _tf.resolve_device("cpu"), no_cudnn=True)
+    prepared = models.prepare_model(rnn_zoo, x, devices.resolve_device("cpu"), no_cudnn=True)
     assert sum("no cuDNN" in r for r in prepared.rewritten) == 2   # LSTM, Bidirectional(GRU)
     rnns = [sub for layer in prepared.call.layers
             for sub in layer._flatten_layers(include_self=True, recursive=True)
@@ -384,7 +410,7 @@ def test_cudnn_rewrite_runs_on_cpu_with_identical_outputs(rnn_zoo):
                if hasattr(sub, "use_cudnn"))
     np.testing.assert_array_equal(np.asarray(prepared.call(x)), np.asarray(rnn_zoo(x)))
     # by default (on the CPU) only the TimeDistributed head is rewritten
-    default = _tf.prepare_model(rnn_zoo, x, _tf.resolve_device("cpu"))
+    default = models.prepare_model(rnn_zoo, x, devices.resolve_device("cpu"))
     assert not any("no cuDNN" in r for r in default.rewritten)
 
 

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 GiB = 2**30
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
-          "mib": 2**20, "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
 def parse_bytes(text: str) -> int:
@@ -20,10 +17,16 @@ def parse_bytes(text: str) -> int:
     >>> parse_bytes("16GiB") == 16 * 2**30, parse_bytes("512 MiB"), parse_bytes("1000")
     (True, 536870912, 1000)
     """
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
+    from jacstream.errors import BudgetError
+    from jacstream.planning import parse_memory
+
+    try:
+        n = parse_memory(text, name="size")
+    except BudgetError:
+        n = None
+    if n is None:
         raise argparse.ArgumentTypeError(f"expected a size such as 16GiB or 512MiB, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:

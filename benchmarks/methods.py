@@ -14,7 +14,6 @@ TensorFlow).
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 from collections.abc import Callable
@@ -93,23 +92,20 @@ def du(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------- jacstream
-def _jacstream(**kwargs: Any) -> Callable[[Context], Output]:
-    write = kwargs.pop("_write", True)
-
+def _jacstream(write: bool = True, **kwargs: Any) -> Callable[[Context], Output]:
     def run(ctx: Context) -> Output:
         import jacstream
 
         path = ctx.workdir / "jacobian.zarr"
         extra = dict(kwargs)
-        if not write:
-            if "_write" not in inspect.signature(jacstream.jacobian).parameters:
-                raise Unavailable("this jacstream has no null sink (jacobian(..., _write=False))")
-            extra["_write"] = False
         budget = ctx.options.get("memory_budget")
         if "client" in ctx.options:
             extra["client"] = ctx.options["client"]
-        J = jacstream.jacobian(ctx.model, ctx.x, path, progress=False, memory_budget=budget,
-                               **extra)
+        if write:
+            J = jacstream.jacobian(ctx.model, ctx.x, path, progress=False,
+                                   memory_budget=budget, **extra)
+        else:
+            J = _null_sink_run(ctx.model, ctx.x, path, budget, extra)
 
         def meta() -> dict[str, Any]:
             p = J.plan
@@ -123,6 +119,18 @@ def _jacstream(**kwargs: Any) -> Callable[[Context], Output]:
                       cleanup=lambda: shutil.rmtree(path, ignore_errors=True))
 
     return run
+
+
+def _null_sink_run(model: Any, x: Any, path: Path, budget: Any, extra: dict[str, Any]) -> Any:
+    """jacstream's own job with a null sink: blocks computed, checked and dropped."""
+    try:
+        from jacstream.planning import parse_memory
+        from jacstream.run.job import Request, run
+        from jacstream.store import NullSink
+    except ImportError:
+        raise Unavailable("this jacstream has no null sink (jacstream.store.NullSink)") from None
+    req = Request(store=path, progress=False, memory_budget=parse_memory(budget), **extra)
+    return run(model, x, req, blocks_to=NullSink(path))
 
 
 def _local_cluster(n_workers: int) -> Callable[[Context], Callable[[], None]]:
@@ -335,8 +343,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "jacstream, strategy='tile'"),
     Method("jacstream-noncausal", "jacstream", _jacstream(causal=False),
            "jacstream, causal=False (computes and stores the zero upper triangle)"),
-    Method("jacstream-nullsink", "jacstream", _jacstream(_write=False),
-           "jacstream, blocks computed and dropped (no store writes; private _write=False)",
+    Method("jacstream-nullsink", "jacstream", _jacstream(write=False),
+           "jacstream, blocks computed and dropped (no store writes: a jacstream.store.NullSink)",
            keeps_result=False),
     Method("jacstream-dask1", "jacstream", _jacstream(),
            "jacstream on a dask LocalCluster of 1 worker process (client=)",

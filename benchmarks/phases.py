@@ -1,9 +1,9 @@
 """Where the time of one ``jacstream.jacobian`` call goes, phase by phase.
 
 A development tool beside the runner: the runner times whole calls, this
-splits one call (in this process) into its phases by wrapping jacstream's
-internal functions with timers. Run from a checkout; it times the jacstream
-of the current directory::
+splits one call (in this process) into its phases by listening to
+:mod:`jacstream.events`. Run from a checkout; it times the jacstream of the
+current directory::
 
     python -m benchmarks.phases --T 1000 --causal auto --repeat 3
 
@@ -36,33 +36,14 @@ def _one(T: int, causal: Any, strategy: str, budget: str) -> dict[str, float]:
     w = Workload("lstm-h32", "lstm", T=T)
     model, x = w.build_model(), w.make_inputs()
     import jacstream
-    from jacstream import _api, _strategy, _tf
+    from jacstream import events
 
     times: dict[str, float] = {}
 
-    def timed(owner: Any, name: str, phase: str) -> None:
-        f = getattr(owner, name)
+    def add(phase: str, seconds: float) -> None:
+        times[phase] = times.get(phase, 0.0) + seconds
 
-        def g(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return f(*a, **k)
-            finally:
-                times[phase] = times.get(phase, 0.0) + time.perf_counter() - t
-        setattr(owner, name, g)
-
-    timed(_api, "_inspect_model", "checks")
-    timed(_tf, "detect_causal", "detect_causal")
-    timed(_tf.BlockFunction, "validate", "build")
-    timed(_tf.BlockFunction, "probe_cost", "probes")
-    timed(_api, "_run", "blocks")
-    original_choose = _strategy.choose
-
-    def choose(*a: Any, run_block: Any, **k: Any) -> Any:
-        timed_block = _Timed(run_block, times, "trial")
-        return original_choose(*a, run_block=timed_block, **k)
-    _strategy.choose = choose
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, events.listen(add):
         t = time.perf_counter()
         J = jacstream.jacobian(model, x, os.path.join(d, "j.zarr"), progress=False,
                                memory_budget=budget, causal=causal, strategy=strategy)
@@ -70,18 +51,6 @@ def _one(T: int, causal: Any, strategy: str, budget: str) -> dict[str, float]:
     times["n_blocks"] = J.plan.n_blocks
     times["strategy"] = J.plan.strategy  # type: ignore[assignment]
     return times
-
-
-class _Timed:
-    def __init__(self, f: Any, times: dict[str, float], phase: str) -> None:
-        self.f, self.times, self.phase = f, times, phase
-
-    def __call__(self, *a: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return self.f(*a)
-        finally:
-            self.times[self.phase] = self.times.get(self.phase, 0.0) + time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> None:

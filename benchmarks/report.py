@@ -246,7 +246,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _within(rows: list[dict[str, Any]], results: dict[str, Any], T: int,
             seconds: float) -> dict[str, Any]:
-    from jacstream._plan import format_bytes, parse_memory
+    from jacstream.planning.units import format_bytes, parse_memory
 
     js = _row(rows, JACSTREAM, T)
     if not _ok(js):

@@ -8,21 +8,23 @@
 from . import errors as errors
 from ._api import jacobian as jacobian
 from ._api import plan as plan
-from ._plan import Block as Block
-from ._plan import Plan as Plan
-from ._result import Jacobian as Jacobian
-from ._result import open as open  # noqa: A004
 from ._version import __version__ as __version__
 from .errors import JacstreamError as JacstreamError
+from .planning import Block as Block
+from .planning import Plan as Plan
+from .store import Jacobian as Jacobian
+from .store import open as open  # noqa: A004
 
 __all__ = ["Block", "Jacobian", "JacstreamError", "Plan", "__version__", "analysis", "errors",
            "jacobian", "open", "plan", "plot"]
 
+# analysis (dask, xarray) and plot (matplotlib) load on first use
+_LAZY = {"analysis": ".analysis", "plot": ".analysis.plot"}
+
 
 def __getattr__(name: str) -> object:
-    # analysis (dask, xarray) and plot (matplotlib) load on first use
-    if name in ("analysis", "plot"):
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(_LAZY[name], __name__)
     raise AttributeError(f"module 'jacstream' has no attribute {name!r}")

@@ -19,19 +19,10 @@ from typing import Any
 import numpy as np
 
 from ._memory import current_rss, peak_rss
-from ._plan import format_bytes
+from .errors import InputError
+from .planning import format_bytes
 
 __all__ = ["run_demo", "top_influences"]
-
-
-def build_reference_model(units: int = 32) -> Any:
-    """``Input((None, 1)) -> LSTM(units, return_sequences=True) -> TimeDistributed(Dense(1))``."""
-    import keras
-
-    inp = keras.Input(shape=(None, 1))
-    h = keras.layers.LSTM(units, return_sequences=True)(inp)
-    out = keras.layers.TimeDistributed(keras.layers.Dense(1))(h)
-    return keras.Model(inp, out)
 
 
 def top_influences(J: Any, step: int, k: int = 5) -> list[tuple[int, float]]:
@@ -42,7 +33,7 @@ def top_influences(J: Any, step: int, k: int = 5) -> list[tuple[int, float]]:
     """
     a = int(np.searchsorted(J.out_steps, step))
     if a >= len(J.out_steps) or J.out_steps[a] != step:
-        raise ValueError(f"output step {step} is not in the store")
+        raise InputError(f"output step {step} is not in the store")
     row = np.abs(np.asarray(J[:, a], dtype=np.float64))  # (batch, F_out, T_in, F_in)
     score = row.mean(axis=0).sum(axis=(0, 2))
     order = np.argsort(-score, kind="stable")[:k]
@@ -114,26 +105,19 @@ def run_demo(output: str | os.PathLike[str] = "demo-output", *, steps: int = 200
     >>> r["shape"]  # doctest: +SKIP
     (2, 30, 1, 30, 1)
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
     import jacstream
+
+    from .engine.reference import train_reference_model
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
 
     t0 = time.perf_counter()
-    model = build_reference_model()
-    model.compile(optimizer="adam", loss="mse")
     x_train = rng.random((train_examples, train_steps, 1), dtype=np.float32)
     y_train = rng.random((train_examples, train_steps, 1), dtype=np.float32)
-    loss = float("nan")
-    if epochs:
-        hist = model.fit(x_train, y_train, batch_size=10, epochs=epochs, verbose=0)
-        loss = float(hist.history["loss"][-1])
-    model.save(out / "model.keras")
+    model, loss = train_reference_model(x_train, y_train, epochs=epochs, seed=seed,
+                                        save_to=out / "model.keras")
     x = rng.random((batch, steps, 1), dtype=np.float32)
     np.save(out / "inputs.npy", x)
     echo(f"trained the reference model (LSTM(32) -> TimeDistributed(Dense(1))) for {epochs} "
@@ -168,16 +152,12 @@ def run_demo(output: str | os.PathLike[str] = "demo-output", *, steps: int = 200
         echo(f"  output step {s:>5}: " + ", ".join(f"{t} ({v:.2g})" for t, v in top))
 
     os.environ.setdefault("MPLBACKEND", "Agg")  # files only, never a window
-    try:
-        from . import plot  # type: ignore[attr-defined]
-    except ImportError:
-        echo("(jacstream.plot is not available: no plots)")
-    else:
-        plot.heatmap(J, example=0, out_feature=0, in_feature=0, log=True,
-                     path=out / "heatmap.png")
-        plot.lag_profile(J, path=out / "lag_profile.png")
-        result["plots"] = [out / "heatmap.png", out / "lag_profile.png"]
-        echo(f"plots        {out / 'heatmap.png'}, {out / 'lag_profile.png'}")
+    from .analysis import plot
+
+    plot.heatmap(J, example=0, out_feature=0, in_feature=0, log=True, path=out / "heatmap.png")
+    plot.lag_profile(J, path=out / "lag_profile.png")
+    result["plots"] = [out / "heatmap.png", out / "lag_profile.png"]
+    echo(f"plots        {out / 'heatmap.png'}, {out / 'lag_profile.png'}")
     echo("")
     echo("next: jacstream info " + str(out / "jacobian.zarr"))
     return result

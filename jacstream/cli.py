@@ -1,8 +1,9 @@
 """The ``jacstream`` command: argument parsing over the public API, nothing more.
 
 Each subcommand parses its arguments and calls one library function. Nothing
-here imports TensorFlow until a command needs a model, so ``jacstream --help``
-and ``jacstream info`` start in a fraction of a second.
+here imports TensorFlow: a command that needs a model loads it through
+:mod:`jacstream.engine`, so ``jacstream --help`` and ``jacstream info`` start in
+a fraction of a second.
 
 Errors a user can fix (a missing file, a bad option, a store made for another
 job) print one line, ``jacstream: error: ...``, and exit with status 2;
@@ -16,11 +17,12 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from ._api import NONFINITE_CHOICES, STRATEGY_CHOICES
 from ._version import __version__
-from .errors import InputError, JacstreamError, ModelError
+from .errors import JacstreamError, first_line
+from .planning import DTYPES
 
 __all__ = ["build_parser", "load_model", "main", "parse_out_steps"]
 
@@ -126,8 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"jacstream {__version__}")
     common = _common(argparse.SUPPRESS)
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    raw = argparse.RawDescriptionHelpFormatter
+    _add_compute(sub, common)
+    _add_info(sub, common)
+    _add_plot(sub, common)
+    _add_demo(sub, common)
+    return parser
 
+
+def _add_compute(sub: Any, common: argparse.ArgumentParser) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "compute", parents=[common], formatter_class=raw,
         help="compute a model's Jacobian into a zarr store (resumes an interrupted one)",
@@ -160,14 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", type=_causal, default="auto", metavar="{auto,true,false}",
                    help="skip the zero upper triangle of a causal model: 'auto' (default) "
                         "checks the model, 'true' promises it")
-    p.add_argument("--strategy", choices=("auto", "pfor", "tile", "forward", "sensitivity"),
-                   default="auto",
+    p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto",
                    help="how blocks are differentiated (default: auto)")
     p.add_argument("--device", metavar="DEVICE",
                    help="cpu, gpu, gpu:1... (default: a GPU if TensorFlow sees one)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
+    p.add_argument("--dtype", choices=DTYPES,
                    default="float32", help="storage dtype (default: float32)")
-    p.add_argument("--on-nonfinite", choices=("raise", "warn", "ignore"), default="raise",
+    p.add_argument("--on-nonfinite", choices=NONFINITE_CHOICES, default="raise",
                    help="what to do with NaN/Inf in a block (default: raise)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace STORE if it holds another job")
@@ -180,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "worker sees at the same path")
     p.set_defaults(func=_cmd_compute)
 
+
+def _add_info(sub: Any, common: argparse.ArgumentParser) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "info", parents=[common], formatter_class=raw,
         help="describe a store: shape, job options, progress, size, timing",
@@ -192,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the store's metadata as JSON instead")
     p.set_defaults(func=_cmd_info)
 
+
+def _add_plot(sub: Any, common: argparse.ArgumentParser) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "plot", parents=[common], formatter_class=raw,
         help="plot a store: a (output step x input step) heatmap or a lag profile",
@@ -215,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image file to write (default: heatmap.png or lag_profile.png)")
     p.set_defaults(func=_cmd_plot)
 
+
+def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "demo", parents=[common], formatter_class=raw,
         help="train the reference LSTM and stream its Jacobian at T=2000 (what 'make demo' "
@@ -236,19 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", default="1GiB", metavar="SIZE",
                    help="memory budget of the computation (default: 1GiB)")
     p.set_defaults(func=_cmd_demo)
-    return parser
 
 
 # --------------------------------------------------------------------------- commands
 def _cmd_compute(args: argparse.Namespace) -> int:
     import jacstream
-    from jacstream._inputs import as_inputs
+    from jacstream.run.inputs import as_inputs
 
     inputs = as_inputs(args.inputs)  # a bad path fails before the slow model load
     model = load_model(args.model, unsafe=args.unsafe)
     client = None
     if args.scheduler:
-        from jacstream._dask import connect
+        from jacstream.run.dask import connect
 
         client = connect(args.scheduler)  # a JacstreamError when unreachable
     try:
@@ -268,7 +284,7 @@ def _cmd_compute(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import jacstream
-    from jacstream._plan import format_bytes
+    from jacstream.planning import format_bytes
 
     with warnings.catch_warnings():  # the summary itself says the store is incomplete
         warnings.simplefilter("ignore", jacstream.errors.IncompleteStoreWarning)
@@ -292,10 +308,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     import jacstream
 
     os.environ.setdefault("MPLBACKEND", "Agg")  # write files; never open a window
-    try:
-        from jacstream import plot  # type: ignore[attr-defined]  # until merged
-    except ImportError as e:
-        raise InputError(f"plotting is not available in this installation ({e}).") from None
+    from jacstream.analysis import plot
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", jacstream.errors.IncompleteStoreWarning)
         result = jacstream.open(args.store)
@@ -320,37 +333,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- models
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
-
-
 def load_model(path: str | os.PathLike[str], *, unsafe: bool = False) -> Any:
-    """Load a Keras model file, in Keras safe mode unless ``unsafe``.
+    """Load a Keras model file, in Keras safe mode unless ``unsafe`` (see
+    :func:`jacstream.engine.io.load_model_file`)."""
+    from .engine.io import load_model_file
 
-    Safe mode refuses files that carry Python code (``Lambda`` layers hold
-    pickled bytecode): loading one runs that code, so it takes an explicit
-    ``unsafe=True`` (``--unsafe``) for a file you trust.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"model: no such file: {str(p)!r}. Pass a model saved with "
-                         "model.save('model.keras').")
-    if p.is_dir() or p.suffix.lower() not in MODEL_SUFFIXES:
-        raise InputError(f"model: {str(p)!r} is not a Keras model file (.keras or .h5). Save "
-                         "the model with model.save('model.keras'); a TensorFlow SavedModel "
-                         "directory cannot be loaded by Keras 3.")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    try:
-        return keras.saving.load_model(p, compile=False, safe_mode=not unsafe)
-    except Exception as e:
-        text = str(e)
-        if not unsafe and "safe_mode" in text:
-            raise ModelError(f"the model file {str(p)!r} holds Python code (e.g. a Lambda "
-                             "layer), which Keras will not load in safe mode. If you trust the "
-                             "file, pass --unsafe.") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        raise ModelError(f"cannot load the model {str(p)!r}: {first}") from e
+    return load_model_file(path, unsafe=unsafe)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -386,7 +374,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        text = str(e).strip().splitlines()
-        print(f"jacstream: error: {type(e).__name__}: {text[0] if text else ''} (run again "
+        print(f"jacstream: error: {type(e).__name__}: {first_line(e)} (run again "
               "with --debug for the traceback)", file=sys.stderr)
         return EXIT_UNEXPECTED

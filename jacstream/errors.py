@@ -8,6 +8,8 @@ name the argument, what was expected, what was received and what to do.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BudgetError",
     "ClusterError",
@@ -23,6 +25,8 @@ __all__ = [
     "StoreMismatchError",
     "StoreWriteError",
 ]
+# Also here, for jacstream's own modules: StrategyUnavailable (a ModelError that
+# strategy="auto" catches), and the message helpers first_line and check_choice.
 
 
 class JacstreamError(Exception):
@@ -44,6 +48,11 @@ class ModelError(JacstreamError, ValueError):
     Wrong output shape, examples that interact across the batch, outputs that
     do not depend differentiably on the inputs.
     """
+
+
+class StrategyUnavailable(ModelError):
+    """A strategy cannot differentiate this model (e.g. forward mode through an op without
+    a forward or second derivative); ``strategy="auto"`` then leaves it out."""
 
 
 class BudgetError(JacstreamError, ValueError):
@@ -84,3 +93,24 @@ class IncompleteStoreWarning(UserWarning):
 
 class ClusterError(JacstreamError, ConnectionError):
     """The dask cluster cannot be reached or has no workers."""
+
+
+def first_line(e: BaseException) -> str:
+    """The line of an error message (TensorFlow's and Keras' wrapped ones too) that says
+    what went wrong: colour codes, traceback lines and Keras' "Arguments received" dropped."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    keep = [line for line in (ln.strip() for ln in text.splitlines()) if line and not
+            line.startswith(("in user code", "File ", "\u2022", "Arguments received"))]
+    # Keras wraps the cause: "XError: Exception encountered when calling L.call()." + cause
+    for i, line in enumerate(keep):
+        if "Exception encountered when calling" in line and i + 1 < len(keep):
+            return f"{keep[i + 1]} (in {line.split('calling ')[-1].rstrip('.')})"[:300]
+    return (keep[-1] if keep else type(e).__name__)[:300]
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise InputError unless ``value`` is one of ``choices`` (``True`` is not ``1``)."""
+    if not any(value is c or (isinstance(c, str) and value == c) for c in choices):
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")

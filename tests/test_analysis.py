@@ -24,10 +24,12 @@ import pytest
 from conftest import assert_jacobian_close
 
 import jacstream
-from jacstream import _reduce, analysis
-from jacstream._plan import make_plan
-from jacstream._store import JobStore
+from jacstream import analysis
+from jacstream.analysis import source as _reduce
+from jacstream.analysis.reductions import as_reduction
 from jacstream.errors import InputError, StoreMismatchError
+from jacstream.planning import make_plan
+from jacstream.store import JobStore
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -355,7 +357,7 @@ def test_streaming_reduction_matches_reduction_of_stored_result(lstm, spec, tmp_
     import xarray as xr
 
     model, x, res, _ = lstm
-    r = _reduce.as_reduction(spec)
+    r = as_reduction(spec)
     path = None if spec == "lag_profile" else tmp_path / "reduced.zarr"   # None: memory only
     got = jacstream.jacobian(model, x, path, block_size=5, examples_per_block=2,
                              progress=False, **FAST, reduce=spec)

@@ -58,7 +58,7 @@ def test_strategies_match_batch_jacobian(model_case, strategy, tmp_path):
 @pytest.mark.parametrize("strategy", ["pfor", "auto"])
 @pytest.mark.parametrize("model_case", ["lstm_td"], indirect=True)
 def test_default_plan_from_memory_budget_is_exact(model_case, strategy, tmp_path):
-    from jacstream._plan import CostModel
+    from jacstream.planning import CostModel
 
     model, x, ref, _ = model_case
     J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy=strategy, progress=False)
@@ -146,12 +146,14 @@ def test_model_that_needs_more_steps_than_the_short_checks_is_checked_longer(tmp
     """A valid convolution longer than the first check prefix: checked on a longer one."""
     import keras
 
+    from jacstream.engine.checks import SHORT_STEPS
+
     keras.utils.set_random_seed(3)
     model = keras.Sequential([keras.Input((None, 2)),
                               keras.layers.Conv1D(3, 20, padding="valid", activation="tanh"),
                               keras.layers.Dense(1)])
     x = np.random.default_rng(0).normal(size=(3, 100, 2)).astype("float32")
-    assert min(jacstream._api.SHORT_STEPS) < 20 <= max(jacstream._api.SHORT_STEPS) < 100
+    assert min(SHORT_STEPS) < 20 <= max(SHORT_STEPS) < 100
     J = jacstream.jacobian(model, x, tmp_path / "j.zarr", progress=False, block_size=16)
     assert J.shape == (3, 81, 1, 100, 2)
     assert J.attrs["causal"] is False

@@ -31,8 +31,8 @@ distributed = pytest.importorskip("distributed")
 cloudpickle = pytest.importorskip("cloudpickle")
 
 import jacstream  # noqa: E402
-from jacstream._store import JobStore  # noqa: E402
 from jacstream.errors import BudgetError, InputError, NonFiniteError, StoreWriteError  # noqa: E402
+from jacstream.store import JobStore  # noqa: E402
 
 # Test helpers and models defined here are shipped to the workers by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -108,7 +108,7 @@ def full(result):
 # --------------------------------------------------------------------------- worker helpers
 def slow_markers(seconds):
     """On a worker: delay every completion marker by ``seconds`` (0 restores)."""
-    from jacstream._store import JobStore as Store
+    from jacstream.store import JobStore as Store
 
     orig = Store.__dict__.get("_orig_mark_done") or Store._mark_done
     Store._orig_mark_done = orig
@@ -153,7 +153,7 @@ def client():
     threads = os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            memory_limit="3GiB", dashboard_address=":0",
-                           silence_logs=logging.ERROR, preload=["jacstream._tf"],
+                           silence_logs=logging.ERROR, preload=["jacstream.engine.build"],
                            env={"OMP_NUM_THREADS": threads})
     c = Client(cluster)
     try:
@@ -283,8 +283,8 @@ def test_nonfinite_block_raises_in_client(client, tmp_path):
 
 
 def test_memory_budget_is_per_worker(client, tmp_path):
-    from jacstream._dask import _preflight, default_worker_budget
-    from jacstream._plan import CostModel, make_plan
+    from jacstream.planning import CostModel, make_plan
+    from jacstream.run.dask import _preflight, default_worker_budget
 
     assert default_worker_budget(client) == 3 * 2**30 // 4      # a quarter of memory_limit
     big = make_plan((4, 40, 2), (4, 40, 1), block_size=4, cost=CostModel(fixed=4 * 2**30))
@@ -298,12 +298,30 @@ def test_not_a_client_is_rejected(tmp_path):
 
 
 def test_connect_to_missing_scheduler_says_what_to_do():
-    from jacstream._dask import connect
     from jacstream.errors import ClusterError
+    from jacstream.run.dask import connect
 
     with pytest.raises(ClusterError, match="dask scheduler") as info:
         connect("tcp://127.0.0.1:9", timeout=0.5)
     assert isinstance(info.value, ConnectionError)
+
+
+def test_forward_mode_on_dask_equals_local_bitwise(client, tmp_path):
+    """Workers run the block function the client validated: forward mode's implementation too.
+
+    Through a Keras LSTM the ForwardAccumulator cannot trace (no forward rule for its loop),
+    so the client picks the transpose implementation; workers must use the same one.
+    """
+    model, x = lstm_model(), inputs(2)
+    local = jacstream.jacobian(model, x, tmp_path / "local.zarr", strategy="forward", **OPTS)
+    assert local.attrs["strategy_choice"]["forward_impl"] == "transpose"
+    ref = reference(model, x)
+    np.testing.assert_allclose(full(local), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    dist = jacstream.jacobian(model, x, tmp_path / "dist.zarr", strategy="forward",
+                              client=client, **OPTS)
+    assert dist.complete and dist.plan.strategy == "forward"
+    assert dist.attrs["runs"][-1]["executor"] == "dask"
+    assert full(dist).tobytes() == full(local).tobytes(), "distributed != local (bitwise)"
 
 
 def test_killed_worker_still_gives_complete_identical_result(client, tmp_path, lstm_local):

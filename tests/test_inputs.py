@@ -16,9 +16,9 @@ import zarr
 from conftest import assert_jacobian_close
 
 import jacstream
-from jacstream import _inputs
-from jacstream._inputs import LazyInputs, as_inputs
 from jacstream.errors import InputError
+from jacstream.run import inputs as _inputs
+from jacstream.run.inputs import LazyInputs, as_inputs
 
 
 # --------------------------------------------------------------------------- helpers
@@ -153,7 +153,7 @@ def test_spool_writes_whole_chunks_and_keeps_order(tmp_path, monkeypatch):
 _KILLED_WHILE_SPOOLING = """
 import sys, time
 import numpy as np
-from jacstream._inputs import as_inputs
+from jacstream.run.inputs import as_inputs
 
 def batches():
     yield np.zeros((2, 5, 1), np.float32)

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from conftest import assert_jacobian_close
 
-import jacstream
-from jacstream._plan import make_plan
 from jacstream.errors import BudgetError
+from jacstream.planning import CostModel, make_plan, parse_memory
 
 GiB = 2**30
 
@@ -110,7 +109,7 @@ def test_result_four_times_the_budget_streams_to_disk(tmp_path):
 
 
 def test_planner_fits_block_size_to_budget():
-    cost = jacstream._plan.CostModel(fixed=100 * 2**20, per_step=1000, per_row_step=800)
+    cost = CostModel(fixed=100 * 2**20, per_step=1000, per_row_step=800)
     small = make_plan((10, 3000, 1), (10, 3000, 1), memory_budget="1GiB", cost=cost)
     large = make_plan((10, 3000, 1), (10, 3000, 1), memory_budget="4GiB", cost=cost)
     assert small.estimated_peak <= 1 * GiB and large.estimated_peak <= 4 * GiB
@@ -118,14 +117,14 @@ def test_planner_fits_block_size_to_budget():
 
 
 def test_planner_splits_examples_when_one_step_of_all_examples_does_not_fit():
-    cost = jacstream._plan.CostModel(fixed=10 * 2**20, per_step=1000, per_row_step=50_000)
+    cost = CostModel(fixed=10 * 2**20, per_step=1000, per_row_step=50_000)
     p = make_plan((64, 2000, 1), (64, 2000, 1), memory_budget="2GiB", cost=cost)
     assert p.block_size == 1 and 1 <= p.examples_per_block < 64
     assert p.estimated_peak <= 2 * GiB
 
 
 def test_explicit_block_size_over_budget_is_refused_before_computing():
-    cost = jacstream._plan.CostModel(fixed=10 * 2**20, per_step=1000, per_row_step=800)
+    cost = CostModel(fixed=10 * 2**20, per_step=1000, per_row_step=800)
     with pytest.raises(BudgetError, match=r"block_size=500 needs about .* use block_size <= "):
         make_plan((10, 3000, 1), (10, 3000, 1), block_size=500, memory_budget="256MiB",
                   cost=cost)
@@ -140,13 +139,13 @@ def test_budget_too_small_for_one_step_says_so():
                                             ("1.5GB", 1_500_000_000), (4096, 4096),
                                             ("2g", 2 * GiB)])
 def test_parse_memory(text, expected):
-    assert jacstream._plan.parse_memory(text) == expected
+    assert parse_memory(text) == expected
 
 
 def test_planner_splits_examples_when_that_means_far_fewer_blocks():
     # The reference LSTM's measured cost at T=10000 (CPU): with all 10 examples per block
     # the per-example-step memory leaves room for ~5 steps per block (2000 blocks).
-    cost = jacstream._plan.CostModel(fixed=159 * 2**20, per_step=3374, per_row_step=718)
+    cost = CostModel(fixed=159 * 2**20, per_step=3374, per_row_step=718)
     p = make_plan((10, 10000, 1), (10, 10000, 1), memory_budget="1GiB", cost=cost,
                   causal=True)
     whole = make_plan((10, 10000, 1), (10, 10000, 1), memory_budget="1GiB", cost=cost,

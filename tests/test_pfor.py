@@ -15,7 +15,7 @@ from tensorflow.python.eager import def_function  # noqa: E402
 from tensorflow.python.ops.parallel_for import pfor as pfor_lib  # noqa: E402
 
 import jacstream  # noqa: E402
-from jacstream._pfor import fast_pfor_tracing, rows_dependent_outputs  # noqa: E402
+from jacstream.engine.pfor import fast_pfor_tracing, rows_dependent_outputs  # noqa: E402
 
 
 def test_dependence_follows_data_and_stops_at_shapes():

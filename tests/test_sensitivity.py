@@ -14,8 +14,10 @@ import pytest
 from conftest import assert_jacobian_close, build_model, reference_jacobian
 
 import jacstream
-from jacstream import _sensitivity, _strategy
-from jacstream.errors import ModelError
+from jacstream.engine.strategies import FunctionSpec
+from jacstream.engine.strategies import sensitivity as _sensitivity
+from jacstream.errors import ModelError, StrategyUnavailable
+from jacstream.planning import choice as _strategy
 
 T = 23   # three chunks of 8 steps, the last one partial
 
@@ -138,12 +140,18 @@ def test_sensitivity_blockings_match_batch_jacobian(name, out_steps, block_size,
     assert_jacobian_close(J[...], ref[:, J.out_steps], f"{name} {out_steps}")
 
 
+def _function(model, f_in, f_out=1):
+    spec = FunctionSpec("sensitivity", "sensitivity", f_in, f_out, "/job:localhost/replica:0/"
+                        "task:0/device:CPU:0")
+    return _sensitivity.Sensitivity(model, spec)
+
+
 def test_both_sweep_modes_run():
     """The table covers propagators (narrow state) and steps (state wider than T)."""
     narrow, _ = _model("gru")
     wide, _ = _model("wide_state")
-    assert _sensitivity.build(narrow, narrow, 2, 1, "/device:CPU:0", 3, T).propagate
-    assert not _sensitivity.build(wide, wide, 1, 1, "/device:CPU:0", 3, T).propagate
+    assert _function(narrow, 2).modes((3, T)) == (8, True)
+    assert _function(wide, 1).modes((3, T)) == (8, False)
 
 
 def test_traces_do_not_grow_with_blocks(tmp_path):
@@ -205,7 +213,7 @@ def test_exact_zeros_are_dropped_and_stay_exact(tmp_path):
     ref = reference_jacobian(model, x)
     lags = np.arange(90)[:, None] - np.arange(90)[None, :]
     assert np.all(ref[:, :, 0, :, 0][:, lags > 8] == 0)   # the gradients die within a few steps
-    fn = _sensitivity.build(model, model, 1, 1, "/device:CPU:0", 2, 90)
+    fn = _function(model, 1)
     J = fn(x, np.arange(90), 90)[0]
     assert_jacobian_close(J, ref, "underflowing gradients")
     assert np.all(J[:, :, 0, :, 0][:, lags > 8] == 0)
@@ -227,9 +235,9 @@ def test_validation_refuses_a_model_it_does_not_reproduce():
     model = keras.Sequential([keras.Input((None, 1)), L.LSTM(4, return_sequences=True),
                               Leaky(1)])
     x = np.random.default_rng(0).normal(size=(2, 20, 1)).astype("float32")
-    fn = _sensitivity.build(model, model, 1, 1, "/device:CPU:0", 2, 20)
-    with pytest.raises(_sensitivity.NotApplicable, match="reproduce|differs"):
-        fn.validate(x, x[:, :16], (2, 16, 1), np.asarray(model(x[:, :16])))
+    fn = _function(model, 1)
+    with pytest.raises(StrategyUnavailable, match="reproduce|differs"):
+        fn.check(x[:, :16])
 
 
 def test_interrupted_run_resumes_to_the_same_bits(tmp_path):

@@ -24,9 +24,9 @@ from conftest import (
 )
 
 import jacstream
-from jacstream import _strategy
-from jacstream._plan import CostModel, Plan, make_plan
 from jacstream.errors import DeviceError, InputError, NonFiniteError
+from jacstream.planning import CostModel, Plan, make_plan
+from jacstream.planning import choice as _strategy
 
 T = 23  # the model_case fixture's sequence length
 ALL_MODELS = CAUSAL_MODELS + NONCAUSAL_MODELS
@@ -232,7 +232,12 @@ def _shapes(t, f_in=1, f_out=1, kind="recurrent", n_params=4385):
     return _strategy.Shapes(10, t, f_in, f_out, tuple(range(t)), True, kind, n_params)
 
 
-def test_predictions_follow_the_measured_crossovers():
+def test_prediction_crosses_over_where_its_lines_meet():
+    """tile's cheaper trace wins short jobs and pfor's cheaper rows long ones, switching where
+    trace + rate x work meet: the crossover is computed here from the registry's numbers and
+    the causal work 10 * T (T + 1) / 2 (rows x input steps fed), not by predict itself."""
+    from jacstream.planning.strategies import REGISTRY
+
     def first(s):
         names, _ = _strategy.candidates(s)
         return min(names, key=lambda c: sum(_strategy.predict(c, s)))
@@ -246,8 +251,18 @@ def test_predictions_follow_the_measured_crossovers():
         names = [n for n in _strategy.candidates(s)[0] if n != "sensitivity"]
         return min(names, key=lambda c: sum(_strategy.predict(c, s)))
 
-    assert first_reverse(_shapes(300)) == "tile"
-    assert first_reverse(_shapes(1000)) == "pfor"
+    tile, pfor = REGISTRY["tile"], REGISTRY["pfor"]
+    per_step = _strategy.SECONDS_PER_PARAM_STEP["recurrent"] * 4385
+    work = (pfor.trace["recurrent"] - tile.trace["recurrent"]) / (
+        (tile.rate["recurrent"] - pfor.rate["recurrent"]) * per_step)
+    t_cross = (-1 + (1 + 8 * work / 10) ** 0.5) / 2        # 10 * T (T + 1) / 2 == work
+    below, above = int(t_cross) - 1, int(t_cross) + 2
+    assert first_reverse(_shapes(below)) == "tile" and first_reverse(_shapes(above)) == "pfor"
+    s = _shapes(above)
+    assert _strategy.predict("pfor", s) == pytest.approx(
+        (pfor.trace["recurrent"], pfor.rate["recurrent"] * per_step * 10 * above * (above + 1) / 2))
+    # shared/NOTES reference model, among reverse-mode blocks: tile at T=300, pfor at T=1000
+    assert first_reverse(_shapes(300)) == "tile" and first_reverse(_shapes(1000)) == "pfor"
     # many output features, one input feature: forward mode
     assert first(_shapes(1000, f_in=1, f_out=64, kind="feedforward", n_params=50_000)) \
         == "forward"
@@ -351,7 +366,7 @@ def test_float16_refuses_values_it_would_store_as_inf(tmp_path):
 @pytest.mark.parametrize("name", ["cpu", "CPU", "CPU:0", "cpu:0", "/device:CPU:0",
                                   "/job:localhost/replica:0/task:0/device:CPU:0"])
 def test_cpu_device_names_resolve(name):
-    from jacstream import _tf
+    from jacstream.engine import devices as _tf
 
     assert _tf.resolve_device(name).endswith("device:CPU:0")
 
@@ -359,7 +374,7 @@ def test_cpu_device_names_resolve(name):
 def test_missing_devices_raise_device_error():
     import tensorflow as tf
 
-    from jacstream import _tf
+    from jacstream.engine import devices as _tf
 
     bad = ["tpu", "cpu:7", "potato"] + ([] if tf.config.list_logical_devices("GPU") else
                                         ["gpu", "GPU:0", "/device:GPU:0"])
@@ -368,16 +383,28 @@ def test_missing_devices_raise_device_error():
             _tf.resolve_device(name)
     with pytest.raises(DeviceError, match="string"):
         _tf.resolve_device(0)
-    assert isinstance(DeviceError("x"), ValueError)
+    with pytest.raises(ValueError, match="does not exist here"):   # the builtin a caller catches
+        _tf.resolve_device("cpu:7")
 
 
 def test_memory_probe_measures_the_device_it_runs_on():
-    from jacstream import _memory, _tf
+    """The tracker a probe uses is entered and sees memory taken on its device."""
+    import tensorflow as tf
 
-    assert isinstance(_tf.peak_tracker("/job:localhost/replica:0/task:0/device:CPU:0"),
-                      _memory.PeakTracker)
-    gpu = _tf.peak_tracker("/job:localhost/replica:0/task:0/device:GPU:0")
-    assert isinstance(gpu, _tf._DevicePeak) and gpu.device == "GPU:0"
+    from jacstream.engine import devices
+
+    with devices.peak_tracker(devices.resolve_device("cpu")) as t:
+        buf = np.ones(64 * 2**20 // 8)   # 64 MiB, touched
+        del buf
+    assert t.increase >= 48 * 2**20
+    if not tf.config.list_logical_devices("GPU"):
+        return
+    gpu = devices.resolve_device("gpu")
+    with devices.peak_tracker(gpu) as t:
+        with tf.device(gpu):
+            a = tf.ones((64 * 2**20 // 4,))
+            del a
+    assert 48 * 2**20 <= t.increase
 
 
 @pytest.fixture(scope="module")
@@ -393,10 +420,10 @@ def rnn_zoo():
 
 
 def test_cudnn_rewrite_runs_on_cpu_with_equal_outputs(rnn_zoo):
-    from jacstream import _tf
+    from jacstream.engine import devices, models
 
     x = np.random.default_rng(12).normal(size=(2, 9, 2)).astype("float32")
-    prepared = _tf.prepare_model(rnn_zoo, x, _tf.resolve_device("cpu"), no_cudnn=True)
+    prepared = models.prepare_model(rnn_zoo, x, devices.resolve_device("cpu"), no_cudnn=True)
     assert sum("no cuDNN" in r for r in prepared.rewritten) == 2   # LSTM, Bidirectional(GRU)
     rnns = [sub for layer in prepared.call.layers
             for sub in layer._flatten_layers(include_self=True, recursive=True)
@@ -410,7 +437,7 @@ def test_cudnn_rewrite_runs_on_cpu_with_equal_outputs(rnn_zoo):
     # differs in the last bit, shared/NOTES.md "Machines differ").
     assert_jacobian_close(prepared.call(x), rnn_zoo(x), "cuDNN-free copy vs original")
     # by default (on the CPU) only the TimeDistributed head is rewritten
-    default = _tf.prepare_model(rnn_zoo, x, _tf.resolve_device("cpu"))
+    default = models.prepare_model(rnn_zoo, x, devices.resolve_device("cpu"))
     assert not any("no cuDNN" in r for r in default.rewritten)
 
 

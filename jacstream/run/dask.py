@@ -4,9 +4,10 @@ The client (the process that calls :func:`jacstream.jacobian`) validates,
 plans and creates the store exactly as a local run does, then submits one
 task per block not yet done. Each worker process loads the model once (from
 ``.keras`` bytes, or cloudpickle for plain callables), prepares it and traces
-its :class:`~jacstream._tf.BlockFunction` once, then computes its blocks and
-writes them as whole chunks straight into the shared store with
-:meth:`JobStore.write_block` (chunks fsynced, then the completion marker).
+the block function from the spec the client validated (:mod:`jacstream.run.worker`),
+then computes its blocks and writes them as whole chunks straight into the
+shared store with :meth:`JobStore.write_block` (chunks fsynced, then the
+completion marker).
 Tasks return a few numbers, so the client never holds Jacobian data.
 
 The completion markers are the local ones, so a distributed run can be
@@ -14,8 +15,8 @@ resumed locally and the other way round. A worker that dies mid-block leaves
 that block unmarked; the scheduler runs the task again elsewhere, and a task
 whose block is already marked returns at once. Each worker computes one block
 at a time (a process-wide lock), so the memory budget of the plan holds per
-worker process, as it does for a local run. No TensorFlow is imported here
-in the client; workers import it through :mod:`jacstream._tf`.
+worker process, as it does for a local run. Models reach the workers through
+:mod:`jacstream.engine.io`; nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -24,41 +25,28 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
-import threading
 import time
 import uuid
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from ._execute import RunStats, _check_shapes, _report_nonfinite, compute_block
-from ._memory import current_rss, release_free_memory_above
-from ._plan import Block, Plan, format_bytes
-from ._store import DONE_DIR, JobStore
-from .errors import (
-    BudgetError,
-    ClusterError,
-    InputError,
-    JacstreamError,
-    ModelError,
-    NonFiniteError,
-    StoreError,
-    StoreWriteError,
-)
+from .. import events
+from ..errors import BudgetError, ClusterError, InputError, StoreError
+from ..planning import Block, Plan, format_bytes
+from ..store.jobstore import DONE_DIR, JobStore
+from .blocks import RunStats
+from .local import progress_bar
+from .worker import run_block
 
 __all__ = ["ClusterError", "DaskRunStats", "check_client", "connect", "default_worker_budget",
            "run_dask"]
 
 KEY_PREFIX = "jacstream-block"
-# Loaded models kept per worker process (a worker may serve a few jobs in turn).
-_CACHE_SIZE = 2
 
 
 # =========================================================================== client side
@@ -133,47 +121,11 @@ def check_client(client: Any) -> None:
                          "dask.distributed.Client.")
 
 
-def _model_payload(model: Any) -> tuple[str, bytes]:
-    """Serialise the original model: ``.keras`` bytes, else cloudpickle.
-
-    The kind is ``"keras"`` (loaded in Keras' safe mode) or, for a model with
-    Lambda layers, ``"keras-lambda"``: safe mode refuses the Python code of a
-    Lambda, and these bytes come from the caller's own in-memory model, not
-    from an untrusted file, so the workers load them with ``safe_mode=False``.
-    """
-    import keras
-
-    if isinstance(model, keras.Model):
-        with tempfile.TemporaryDirectory(prefix="jacstream-") as d:
-            path = os.path.join(d, "model.keras")
-            try:
-                model.save(path)
-                with open(path, "rb") as f:
-                    payload = f.read()
-                config = json.dumps(model.get_config(), default=str)
-            except Exception:
-                pass  # e.g. a subclassed model without get_config: try cloudpickle
-            else:
-                lam = '"class_name": "Lambda"' in config
-                return ("keras-lambda" if lam else "keras"), payload
-    import cloudpickle
-
-    try:
-        return "pickle", cloudpickle.dumps(model)
-    except Exception as e:
-        raise ModelError(
-            f"cannot send the model to the dask workers: it is neither savable as .keras nor "
-            f"picklable ({type(e).__name__}: {e}). Give it a get_config() (Keras), or make it "
-            "a function of module-level objects that cloudpickle can serialise.") from None
-
-
 def _inputs_reference(inputs: Any) -> Any:
     """A zarr array on a filesystem store can be read by the workers themselves."""
-    try:
-        import zarr
-        from zarr.storage import LocalStore
-    except ImportError:  # pragma: no cover - zarr is a dependency
-        return None
+    import zarr
+    from zarr.storage import LocalStore
+
     if isinstance(inputs, zarr.Array) and isinstance(inputs.store, LocalStore):
         return inputs
     return None
@@ -205,12 +157,12 @@ def _preflight(client: Any, plan: Plan, path: Path) -> None:
             "mounts at the same path (e.g. NFS), or use a local cluster.")
 
 
-def _model_token(job: dict[str, Any], plan: Plan, sample: np.ndarray, device: str | None,
-                 static: bool, t_out: int) -> str:
-    """Names a loaded, traced model in the workers' cache: same key, same block function."""
+def _model_token(job: dict[str, Any], fn_spec: Any, sample: np.ndarray, device: str | None,
+                 t_out: int) -> str:
+    """Names a loaded model and its block function in the workers' cache: same key, same
+    function."""
     h = hashlib.sha256()
-    h.update(json.dumps([job["model"], plan.strategy, plan.f_in, plan.f_out, plan.block_size,
-                         plan.causal, t_out, device, static], default=str).encode())
+    h.update(json.dumps([job["model"], asdict(fn_spec), t_out, device], default=str).encode())
     h.update(np.ascontiguousarray(sample).tobytes())
     return h.hexdigest()[:16]
 
@@ -227,7 +179,7 @@ def _constant(client: Any, value: Any, key: str) -> Any:
 
 
 def run_dask(plan: Plan, store: JobStore, inputs: Any, model: Any, *, client: Any,
-             job: dict[str, Any], device: str | None, sample: np.ndarray, static: bool,
+             job: dict[str, Any], device: str | None, sample: np.ndarray, fn_spec: Any,
              t_out: int, progress: bool = True, on_nonfinite: str = "raise",
              on_block: Callable[[Block], None] | None = None,
              retries: int = 2) -> DaskRunStats:
@@ -246,11 +198,11 @@ def run_dask(plan: Plan, store: JobStore, inputs: Any, model: Any, *, client: An
         The original model (the workers prepare it as a local run does).
     client : dask.distributed.Client
         A connected, synchronous client.
-    job, device, sample, static, t_out
+    job, device, sample, fn_spec, t_out
         The job's identity (model and inputs fingerprints...), the caller's
-        device request, the sample the client prepared the model on, whether
-        its block function runs with static shapes, and the model's output
-        length.
+        device request, the sample the client prepared the model on, the
+        frozen spec of the block function the client validated and bound to
+        ``plan``, and the model's output length.
     retries : int
         Extra attempts for a task that raised an unexpected error (a task whose
         worker died is rescheduled by dask regardless).
@@ -262,45 +214,60 @@ def run_dask(plan: Plan, store: JobStore, inputs: Any, model: Any, *, client: An
     check_client(client)
     stats = DaskRunStats(scheduler=str(client.scheduler.address))
     t_start = time.perf_counter()
-    path = store.path.resolve()
-    done = store.done_blocks()
-    pending = [b for b in plan.blocks if b.index not in done]
+    pending = [b for b in plan.blocks if b.index not in store.done_blocks()]
     stats.skipped_blocks = plan.n_blocks - len(pending)
     if not pending:
         return stats
+    path = store.path.resolve()
     _preflight(client, plan, path)
+    from ..engine.io import model_payload
 
-    kind, payload = _model_payload(model)
     ref = _inputs_reference(inputs)
-    run_id = uuid.uuid4().hex[:8]
     spec = {
-        "model_token": _model_token(job, plan, sample, device, static, t_out), "run": run_id,
-        "store": str(path), "plan": plan.to_dict(), "device": device,
-        "sample": np.ascontiguousarray(sample), "static": bool(static), "t_out": int(t_out),
-        "on_nonfinite": on_nonfinite, "inputs": ref,
+        "model_token": _model_token(job, fn_spec, sample, device, t_out),
+        "run": uuid.uuid4().hex[:8], "store": str(path), "plan": plan.to_dict(),
+        "device": device, "sample": np.ascontiguousarray(sample), "function": fn_spec,
+        "t_out": int(t_out), "on_nonfinite": on_nonfinite, "inputs": ref,
     }
+    with events.phase("blocks"):
+        futures, inputs_fs = _submit(client, spec, model_payload(model), pending, inputs, ref,
+                                     retries)
+        _collect(client, futures, stats, store, plan, progress, on_nonfinite, on_block)
+        del inputs_fs
+    stats.wall_seconds = time.perf_counter() - t_start
+    return stats
+
+
+def _submit(client: Any, spec: dict[str, Any], payload: tuple[str, bytes],
+            pending: list[Block], inputs: Any, ref: Any,
+            retries: int) -> tuple[dict[str, Any], list[Any]]:
+    """One task per pending block: ``{key: future}``, and the futures of what they read
+    (held until the run ends)."""
+    run_id = spec["run"]
     # The model, the spec and the input slabs enter the cluster once, as tasks that
     # return them: tasks depend on them by future, and unlike scattered data the
     # scheduler can recompute them if every worker holding them dies.
-    model_f = _constant(client, (kind, payload), f"jacstream-model-{run_id}")
+    model_f = _constant(client, payload, f"jacstream-model-{run_id}")
     spec_f = _constant(client, spec, f"jacstream-spec-{run_id}")
-    del payload
     slab_fs: dict[int, Any] = {}
     if ref is None:
         for e0, e1 in sorted({b.examples for b in pending}):
             slab = np.ascontiguousarray(np.asarray(inputs[e0:e1]))
             slab_fs[e0] = _constant(client, slab, f"jacstream-inputs-{e0:08d}-{run_id}")
     keys = [f"{KEY_PREFIX}-{b.index:08d}-{run_id}" for b in pending]
-    futures = client.map(_run_block, [b.index for b in pending],
+    futures = client.map(run_block, [b.index for b in pending],
                          [slab_fs.get(b.examples[0]) for b in pending],
                          key=keys, spec=spec_f, model=model_f, retries=retries, pure=False)
+    return dict(zip(keys, futures, strict=True)), [model_f, spec_f, *slab_fs.values()]
+
+
+def _collect(client: Any, remaining: dict[str, Any], stats: DaskRunStats, store: JobStore,
+             plan: Plan, progress: bool, on_nonfinite: str,
+             on_block: Callable[[Block], None] | None) -> None:
+    """Wait for the tasks, account for each as it finishes; cancel the rest on an error."""
     from distributed import as_completed
 
-    remaining = dict(zip(keys, futures, strict=True))
-    del futures
-    bar = tqdm(total=plan.n_blocks, initial=stats.skipped_blocks, unit="block",
-               desc="jacobian (dask)", disable=None if progress else True,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(plan, stats.skipped_blocks, "jacobian (dask)", progress)
     try:
         for fut in as_completed(list(remaining.values())):
             try:
@@ -317,7 +284,6 @@ def run_dask(plan: Plan, store: JobStore, inputs: Any, model: Any, *, client: An
             if on_block is not None:
                 on_block(plan.block(meta["index"]))
     except BaseException as exc:
-        bar.close()
         client.cancel(list(remaining.values()))
         if isinstance(exc, KeyboardInterrupt):
             print(f"\njacstream: interrupted; {len(store.done_blocks())} of {plan.n_blocks} "
@@ -326,10 +292,8 @@ def run_dask(plan: Plan, store: JobStore, inputs: Any, model: Any, *, client: An
                   "running on workers finish and are kept.", file=sys.stderr)
         raise
     finally:
-        del remaining, model_f, spec_f, slab_fs
-    bar.close()
-    stats.wall_seconds = time.perf_counter() - t_start
-    return stats
+        bar.close()
+        remaining.clear()
 
 
 def _add_context(e: BaseException, key: str) -> None:
@@ -358,148 +322,3 @@ def _account(stats: DaskRunStats, meta: dict[str, Any], plan: Plan, on_nonfinite
         stats.nonfinite_blocks.append(meta["index"])
         if on_nonfinite == "warn":
             warnings.warn(meta["nonfinite"], RuntimeWarning, stacklevel=4)
-
-
-# =========================================================================== worker side
-@dataclass
-class _WorkerModel:
-    fn: Any               # the traced BlockFunction
-    setup_seconds: float  # loading, preparing and tracing
-    rss: int = 0          # resident memory once it was set up
-
-
-@dataclass
-class _WorkerRun:
-    plan: Plan
-    store: JobStore
-    out_steps: np.ndarray
-    inputs: Any
-
-
-# Per worker process. Models are kept across runs (a resumed or repeated job
-# does not trace again); runs only hold the open store.
-_MODELS: OrderedDict[str, _WorkerModel] = OrderedDict()
-_RUNS: OrderedDict[str, _WorkerRun] = OrderedDict()
-# One block at a time per worker process: the plan's memory budget is per process.
-_LOCK = threading.Lock()
-
-
-def _remember(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
-    cache[key] = value
-    while len(cache) > _CACHE_SIZE:
-        cache.popitem(last=False)
-
-
-def _load_model(kind: str, payload: bytes) -> Any:
-    if kind == "pickle":
-        import cloudpickle
-
-        return cloudpickle.loads(payload)
-    import keras
-
-    with tempfile.TemporaryDirectory(prefix="jacstream-") as d:
-        path = os.path.join(d, "model.keras")
-        with open(path, "wb") as f:
-            f.write(payload)
-        try:
-            return keras.models.load_model(path, safe_mode=kind != "keras-lambda")
-        except Exception as e:
-            raise ModelError(
-                f"the dask worker could not load the model from its .keras file "
-                f"({type(e).__name__}: {e}). Custom layers must be importable on the workers "
-                "and registered with keras.saving.register_keras_serializable().") from None
-
-
-def _worker_model(spec: dict[str, Any], model: tuple[str, bytes]) -> tuple[_WorkerModel, bool]:
-    """This process's model for ``spec``: loaded, prepared and traced once. (model, was cached)."""
-    key = spec["model_token"]
-    if key in _MODELS:
-        _MODELS.move_to_end(key)
-        return _MODELS[key], True
-    t0 = time.perf_counter()
-    from . import _tf
-
-    plan = Plan.from_dict(spec["plan"])
-    dev = _tf.resolve_device(spec["device"])
-    sample = spec["sample"]
-    # The same steps as the client (and a local run): identical ops, identical bits.
-    loaded = _load_model(*model)
-    prepared = _tf.prepare_model(loaded, sample, dev)
-    if plan.strategy == "sensitivity":
-        from . import _sensitivity
-
-        # The same decisions as the client's (chunk length, propagators) from the same
-        # plan: the same computation, so the same bits as a local run.
-        fn: Any = _sensitivity.build(loaded, prepared.call, plan.f_in, plan.f_out, dev, plan.batch,
-                                plan.t_in)
-    else:
-        fn = _tf.BlockFunction(prepared.call, plan.strategy, plan.f_in, plan.f_out, dev)
-    # The client validated the traced signature; every block's shapes are checked again.
-    fn.static = bool(spec["static"])
-    fn.static_block = plan.block_size
-    wm = _WorkerModel(fn, time.perf_counter() - t0, current_rss())
-    _remember(_MODELS, key, wm)
-    return wm, False
-
-
-def _worker_run(spec: dict[str, Any]) -> _WorkerRun:
-    run = _RUNS.get(spec["run"])
-    if run is None:
-        plan = Plan.from_dict(spec["plan"])
-        run = _WorkerRun(plan, JobStore.open(spec["store"], mode="r+"),
-                         np.asarray(plan.out_steps, dtype=np.int32), spec["inputs"])
-        _remember(_RUNS, spec["run"], run)
-    return run
-
-
-def _worker_name() -> str:
-    import socket
-
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _run_block(index: int, slab: np.ndarray | None, *, spec: dict[str, Any],
-               model: tuple[str, bytes]) -> dict[str, Any]:
-    """Task body: compute block ``index`` and write it; return only small metadata.
-
-    A :class:`JacstreamError` that would recur on any worker (bad model
-    output, NaN with ``on_nonfinite="raise"``) is returned, not raised, so
-    dask does not retry it; other errors are raised and retried.
-    """
-    meta: dict[str, Any] = {"index": index, "worker": _worker_name(), "skipped": False,
-                            "setup_seconds": 0.0, "traces": 0}
-    try:
-        with _LOCK:
-            run = _worker_run(spec)
-            if (run.store.path / DONE_DIR / f"{index:08d}.done").exists():
-                meta["skipped"] = True
-                return meta   # done by another attempt or run: nothing to redo
-            wm, cached = _worker_model(spec, model)
-            meta["setup_seconds"] = 0.0 if cached else round(wm.setup_seconds, 3)
-            block = run.plan.block(index)
-            e0, e1 = block.examples
-            x = slab if slab is not None else np.asarray(run.inputs[e0:e1])
-            t0 = time.perf_counter()
-            data, yshape, fed = compute_block(wm.fn, run.plan, block, x, run.out_steps,
-                                              f" on dask worker {meta['worker']}")
-            meta["compute_seconds"] = time.perf_counter() - t0
-            meta["traces"] = wm.fn.traces
-        _check_shapes(run.plan, block, data, yshape, fed, spec["t_out"])
-        if spec["on_nonfinite"] != "ignore" and not np.isfinite(data).all():
-            try:
-                _report_nonfinite(run.plan, block, data, "raise", RunStats(), x)
-            except NonFiniteError as e:
-                if spec["on_nonfinite"] == "raise":
-                    raise
-                meta["nonfinite"] = str(e)
-        t0 = time.perf_counter()
-        run.store.write_block(run.plan, block, data)
-        meta["write_seconds"] = time.perf_counter() - t0
-        del data
-        release_free_memory_above(wm.rss + run.plan.estimated_peak)   # see run_local
-        return meta
-    except StoreWriteError:
-        raise   # may be transient (a network filesystem): let dask retry it
-    except JacstreamError as e:
-        meta["error"] = e
-        return meta

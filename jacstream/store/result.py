@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._plan import LAYOUT, Plan, format_bytes
-from ._store import JobStore
-from .errors import IncompleteStoreWarning
+from ..errors import IncompleteStoreWarning
+from ..planning import LAYOUT, Plan, format_bytes
+from .jobstore import JobStore
 
 if TYPE_CHECKING:
     import dask.array

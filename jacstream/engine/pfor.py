@@ -142,7 +142,7 @@ def fast_pfor_tracing() -> Iterator[None]:
     Examples
     --------
     >>> import tensorflow as tf
-    >>> from jacstream._pfor import fast_pfor_tracing
+    >>> from jacstream.engine.pfor import fast_pfor_tracing
     >>> @tf.function
     ... def f(x):
     ...     with tf.GradientTape() as tape:

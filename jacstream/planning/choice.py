@@ -9,7 +9,8 @@ is made in two steps:
 1. **Shapes.** Each candidate's time is predicted from the Jacobian's shape
    (rows x input steps it must differentiate, after causal truncation), the
    model's kind (recurrent or not) and size, and per-strategy constants
-   measured on the project's 2-core CPU (:data:`PRIOR`). The candidates are
+   measured on the project's 2-core CPU (the ``trace`` and ``rate`` of
+   :data:`jacstream.planning.strategies.REGISTRY`). The candidates are
    tried in that order.
 2. **A timed trial.** The first candidate is traced and times one real block
    of its plan (the block with the most work; its result is kept and
@@ -23,6 +24,11 @@ is made in two steps:
 The choice and its evidence (``{"strategy", "reason", "trial_seconds",
 "predicted_seconds", ...}``) are recorded in the store metadata; the choice is
 cached per model fingerprint and shapes for the rest of the process.
+
+This module is the decision alone, pure Python. What it decides over comes
+through three callables, the protocol of :func:`choose`: ``build(name)`` (a
+validated block function), ``plan_for(fn)`` (its plan, with its measured
+memory cost) and ``run_block(fn, plan, block)`` (one real block, timed here).
 """
 
 from __future__ import annotations
@@ -32,32 +38,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from ._plan import STRATEGY_AXIS, SWEEPS, Block, Plan
+from ..errors import ModelError
+from .blocks import Block, Plan
+from .steps import inputs_needed
+from .strategies import REGISTRY
 
 __all__ = ["CANDIDATES", "Choice", "Shapes", "candidates", "choose", "clear_cache", "predict"]
 
-CANDIDATES = ("sensitivity", "pfor", "tile", "forward")
+CANDIDATES = tuple(name for name, info in REGISTRY.items() if info.candidate)
 
 # Another candidate is tried only if what it may cost is under this share of the job.
 TRIAL_SHARE = 0.05
 
-# Measured on the project's 2-core CPU (tensorflow-cpu 2.21; shared/NOTES.md models,
-# batch 10, T=300 and 1000): trace seconds, and seconds per Jacobian row (or
-# column) per input step relative to ``tile``. Recurrent models (a while loop)
-# trace slowly under pfor and need forward mode's transpose implementation.
-# pfor's build (trace and first calls): 1.8-2.5 s for the LSTM and GRU since
-# _pfor.fast_pfor_tracing (T=300 and 1000, attrs["strategy_choice"]["trace_seconds"]
-# with every candidate tried; `python -m benchmarks.phases --T 1000`: 2.6 s, 6.3 s before).
-# sensitivity (recurrent chains only; see _sensitivity): build ~0.6 s (forward pass,
-# checks, one chunk trace), then a small, slowly growing fraction of tile's time.
-PRIOR = {
-    "recurrent": {"trace": {"tile": 0.7, "pfor": 2.0, "forward": 3.0, "sensitivity": 0.6},
-                  "rate": {"tile": 1.0, "pfor": 0.6, "forward": 3.5, "sensitivity": 0.04}},
-    "feedforward": {"trace": {"tile": 0.6, "pfor": 1.0, "forward": 1.1},
-                    "rate": {"tile": 1.0, "pfor": 0.35, "forward": 1.1}},
-}
 # Seconds per row-step and model parameter for tile (LSTM(32): 2.1e-6 s per row-step),
 # plus a floor for tiny models.
 SECONDS_PER_PARAM_STEP = {"recurrent": 4.8e-10, "feedforward": 2.5e-10}
@@ -87,32 +79,36 @@ class Shapes:
 
 def work(strategy: str, s: Shapes) -> float:
     """Jacobian rows (reverse) or columns (forward) times input steps fed, for the job."""
-    if STRATEGY_AXIS[strategy] == "in":
-        needed = min(s.t_in, s.out_steps[-1] + 1) if s.causal else s.t_in
+    if REGISTRY[strategy].axis == "in":
+        needed = inputs_needed(s.out_steps[-1], s.t_in, s.causal)
         return float(s.batch) * s.f_in * needed * needed
-    steps = np.asarray(s.out_steps, dtype=np.float64)
-    in_lens = np.minimum(steps + 1, s.t_in) if s.causal else np.full_like(steps, s.t_in)
-    return float(s.batch) * s.f_out * float(in_lens.sum())
+    return float(s.batch) * s.f_out * float(sum(inputs_needed(t, s.t_in, s.causal)
+                                                for t in s.out_steps))
 
 
 def candidates(s: Shapes) -> tuple[list[str], list[str]]:
     """The strategies worth considering for these shapes, and why others are not."""
-    rows, cols = work("tile", s), work("forward", s)
-    first = ["sensitivity"] if s.kind == "recurrent" else []
-    if cols < rows:
-        return first + ["pfor", "tile", "forward"], []
-    return first + ["pfor", "tile"], [
-        f"forward not considered: it would differentiate {cols:.3g} column-steps, reverse mode "
-        f"{rows:.3g} row-steps (forward mode pays when F_in x T_in is well below F_out x "
-        "the output steps)"]
+    rows = work("tile", s)
+    names, notes = [], []
+    for name in CANDIDATES:
+        if s.kind not in REGISTRY[name].kinds:
+            continue
+        cols = work(name, s)
+        if REGISTRY[name].axis == "in" and cols >= rows:
+            notes.append(
+                f"{name} not considered: it would differentiate {cols:.3g} column-steps, "
+                f"reverse mode {rows:.3g} row-steps (forward mode pays when F_in x T_in is "
+                "well below F_out x the output steps)")
+        else:
+            names.append(name)
+    return names, notes
 
 
 def predict(strategy: str, s: Shapes) -> tuple[float, float]:
     """Predicted (trace seconds, compute seconds) of a strategy on this job."""
-    prior = PRIOR[s.kind]
+    info = REGISTRY[strategy]
     per_step = max(SECONDS_PER_STEP_FLOOR, SECONDS_PER_PARAM_STEP[s.kind] * s.n_params)
-    return (prior["trace"][strategy],
-            prior["rate"][strategy] * per_step * work(strategy, s))
+    return info.trace[s.kind], info.rate[s.kind] * per_step * work(strategy, s)
 
 
 @dataclass
@@ -123,7 +119,7 @@ class Choice:
     fn: Any
     plan: Plan
     record: dict[str, Any]
-    precomputed: dict[int, tuple[np.ndarray, tuple[int, ...], int]] = field(default_factory=dict)
+    precomputed: dict[int, Any] = field(default_factory=dict)  # what run_block returned
 
 
 @dataclass
@@ -135,7 +131,7 @@ class _Trial:
     block_seconds: float = 0.0
     seconds_per_work: float = 0.0
     remaining: float = 0.0
-    result: tuple[np.ndarray, tuple[int, ...], int] | None = None
+    result: Any = None
 
 
 def _update_remaining(trials: dict[str, _Trial]) -> None:
@@ -172,7 +168,7 @@ def _pick_block(plan: Plan, avoid: set[int]) -> Block | None:
     A strategy that sweeps in time computes every block before the one asked
     for: its trial block is the first (which the run then continues from).
     """
-    if plan.strategy in SWEEPS:
+    if REGISTRY[plan.strategy].sweeps:
         return next((b for b in plan.blocks if b.index not in avoid), None)
     best: Block | None = None
     for b in plan.blocks:
@@ -198,19 +194,17 @@ def choose(candidates: Sequence[str], shapes: Shapes, *, build: Callable[[str], 
     ``StrategyUnavailable`` when the strategy cannot differentiate the model),
     ``plan_for(fn)`` its plan (measuring its memory cost), ``run_block(fn,
     plan, block)`` computes one block. A candidate whose ``build`` raises one
-    of ``unavailable`` is left out (the reason is kept in the record's notes). ``trial_share=float("inf")`` tries
-    every candidate; ``0`` none beyond the predicted best (default
-    :data:`TRIAL_SHARE`).
+    of ``unavailable`` is left out (the reason is kept in the record's notes).
+    ``trial_share=float("inf")`` tries every candidate; ``0`` none beyond the
+    predicted best (default :data:`TRIAL_SHARE`).
     """
-    if trial_share is None:
-        trial_share = TRIAL_SHARE
-    if cache_key is not None and cache_key in _CACHE:
-        cached = _CACHE[cache_key]
-        if cached["strategy"] in candidates:
-            fn = build(cached["strategy"])
-            record = {**cached, "reason": "chosen earlier in this process for the same model "
-                      "and shapes: " + cached["reason"], "cached": True}
-            return Choice(cached["strategy"], fn, plan_for(fn), record)
+    share = TRIAL_SHARE if trial_share is None else trial_share
+    cached = _CACHE.get(cache_key) if cache_key is not None else None
+    if cached is not None and cached["strategy"] in candidates:
+        fn = build(cached["strategy"])
+        record = {**cached, "reason": "chosen earlier in this process for the same model "
+                  "and shapes: " + cached["reason"], "cached": True}
+        return Choice(cached["strategy"], fn, plan_for(fn), record)
 
     predicted = {c: predict(c, shapes) for c in candidates}
     order = sorted(candidates, key=lambda c: sum(predicted[c]))
@@ -218,51 +212,68 @@ def choose(candidates: Sequence[str], shapes: Shapes, *, build: Callable[[str], 
     notes: list[str] = []
     t_start = time.perf_counter()
     for c in order:
-        if trials:
-            best = min(trials.values(), key=lambda t: t.remaining)
-            first = next(iter(trials.values()))
-            first_name = next(iter(trials))
-            # Machine speed from the first trial; the rest from the prior's ratios.
-            trace_est = first.trace_seconds * predicted[c][0] / predicted[first_name][0]
-            rate_ratio = (predicted[c][1] / predicted[first_name][1]
-                          if predicted[first_name][1] > 0 else 1.0)
-            block_loss = max(0.0, first.block_seconds * (rate_ratio - 1.0))
-            job = time.perf_counter() - t_start + best.remaining
-            if trace_est + block_loss > trial_share * job:
-                notes.append(f"{c} not tried: tracing it (~{trace_est:.2g} s) and one slower "
-                             f"block (~{block_loss:.2g} s) would cost more than "
-                             f"{trial_share:.0%} of the job (~{job:.2g} s)")
-                continue
+        skip = _not_worth_trying(c, trials, predicted, share, time.perf_counter() - t_start)
+        if skip:
+            notes.append(skip)
+            continue
         t0 = time.perf_counter()
         try:
             fn = build(c)
         except unavailable as e:
             notes.append(f"{c} unavailable: {e}")
             continue
-        trace_seconds = time.perf_counter() - t0
-        plan = plan_for(fn)
-        trial = _Trial(fn, plan, trace_seconds)
-        # Time a real block; with a plan shared with an earlier trial, another block of
-        # it, so that every trial block can be kept.
-        avoid = {t.block.index for t in trials.values()
-                 if t.block is not None and _same_blocks(t.plan, plan)}
-        block = _pick_block(plan, avoid)
-        if block is not None:
-            t1 = time.perf_counter()
-            trial.result = run_block(fn, plan, block)
-            trial.block_seconds = time.perf_counter() - t1
-            trial.block = block
-            # A sweep's one-time start (its forward pass over the whole sequence) is not
-            # paid again by the blocks after it.
-            once = float(getattr(fn, "setup_seconds", 0.0))
-            trial.seconds_per_work = max(0.0, trial.block_seconds - once) / max(
-                1.0, _block_work(plan, block, fn))
-        trials[c] = trial
+        trials[c] = _run_trial(fn, plan_for(fn), time.perf_counter() - t0, trials, run_block)
         _update_remaining(trials)
-
     if not trials:
-        raise RuntimeError("no strategy could differentiate this model: " + "; ".join(notes))
+        raise ModelError("no strategy could differentiate this model: " + "; ".join(notes))
     name = min(trials, key=lambda c: trials[c].remaining)
+    return _decided(name, trials, predicted, order, shapes, notes, cache_key)
+
+
+def _not_worth_trying(c: str, trials: dict[str, _Trial], predicted: dict[str, tuple[float, float]],
+                      share: float, elapsed: float) -> str | None:
+    """Why candidate ``c`` is not tried after the trials so far (None: try it)."""
+    if not trials:
+        return None
+    best = min(trials.values(), key=lambda t: t.remaining)
+    first_name, first = next(iter(trials.items()))
+    # Machine speed from the first trial; the rest from the prior's ratios.
+    trace_est = first.trace_seconds * predicted[c][0] / predicted[first_name][0]
+    rate_ratio = (predicted[c][1] / predicted[first_name][1]
+                  if predicted[first_name][1] > 0 else 1.0)
+    block_loss = max(0.0, first.block_seconds * (rate_ratio - 1.0))
+    job = elapsed + best.remaining
+    if trace_est + block_loss <= share * job:
+        return None
+    return (f"{c} not tried: tracing it (~{trace_est:.2g} s) and one slower block "
+            f"(~{block_loss:.2g} s) would cost more than {share:.0%} of the job (~{job:.2g} s)")
+
+
+def _run_trial(fn: Any, plan: Plan, trace_seconds: float, trials: dict[str, _Trial],
+               run_block: Callable[[Any, Plan, Block], Any]) -> _Trial:
+    """Time a real block; with a plan shared with an earlier trial, another block of it,
+    so that every trial block can be kept."""
+    trial = _Trial(fn, plan, trace_seconds)
+    avoid = {t.block.index for t in trials.values()
+             if t.block is not None and _same_blocks(t.plan, plan)}
+    block = _pick_block(plan, avoid)
+    if block is not None:
+        t1 = time.perf_counter()
+        trial.result = run_block(fn, plan, block)
+        trial.block_seconds = time.perf_counter() - t1
+        trial.block = block
+        # A sweep's one-time start (its forward pass over the whole sequence) is not
+        # paid again by the blocks after it.
+        once = float(getattr(fn, "setup_seconds", 0.0))
+        trial.seconds_per_work = max(0.0, trial.block_seconds - once) / max(
+            1.0, _block_work(plan, block, fn))
+    return trial
+
+
+def _decided(name: str, trials: dict[str, _Trial], predicted: dict[str, tuple[float, float]],
+             order: list[str], shapes: Shapes, notes: list[str],
+             cache_key: tuple[Any, ...] | None) -> Choice:
+    """The choice of ``name`` with its evidence (and remembered under ``cache_key``)."""
     chosen = trials[name]
     precomputed = {t.block.index: t.result for t in trials.values()
                    if t.block is not None and t.result is not None
@@ -283,8 +294,6 @@ def choose(candidates: Sequence[str], shapes: Shapes, *, build: Callable[[str], 
         "model_kind": shapes.kind,
         "notes": notes + [f"{name}: {n}" for n in getattr(chosen.fn, "notes", [])],
     }
-    if chosen.fn.strategy == "forward":
-        record["forward_impl"] = chosen.fn.impl
     if cache_key is not None:
         _CACHE[cache_key] = {k: record[k] for k in ("strategy", "reason", "trial_seconds",
                                                     "trace_seconds", "predicted_seconds",

@@ -24,8 +24,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from . import _reduce
-from ._reduce import Reduction
+from ..errors import check_choice
+from ..store.reduced import load_reduced
+from . import accumulators as _acc
+from .reductions import Reduction, as_reduction
+from .source import as_source, feed
 
 if TYPE_CHECKING:
     import xarray
@@ -71,10 +74,10 @@ def window_sum(J: Any, in_steps: slice | int | None = None, out_steps: slice | i
     >>> analysis.window_sum(J, in_steps=2, example=0).sizes["in_window"]
     3
     """
-    source = _reduce.as_source(J)
-    acc = _reduce.WindowSum(source.layout, in_steps=in_steps, out_steps=out_steps,
+    source = as_source(J)
+    acc = _acc.WindowSum(source.layout, in_steps=in_steps, out_steps=out_steps,
                             absolute=absolute, example=example)
-    return _reduce.feed(source, acc)
+    return feed(source, acc)
 
 
 def influence_map(J: Any, reduce: str = "sum", absolute: bool = True,
@@ -114,11 +117,11 @@ def influence_map(J: Any, reduce: str = "sum", absolute: bool = True,
     >>> m.shape, float(m[2, 3])
     ((3, 4), 47.0)
     """
-    _reduce._choice("reduce", reduce, ("sum", "max"))
-    source = _reduce.as_source(J)
-    acc = _reduce.Map(source.layout, reduce=reduce, absolute=absolute, example=example,
+    check_choice("reduce", reduce, ("sum", "max"))
+    source = as_source(J)
+    acc = _acc.Map(source.layout, reduce=reduce, absolute=absolute, example=example,
                       bins=bins)
-    return _reduce.feed(source, acc)
+    return feed(source, acc)
 
 
 def lag_profile(J: Any, *, absolute: bool = True) -> xarray.Dataset:
@@ -153,8 +156,8 @@ def lag_profile(J: Any, *, absolute: bool = True) -> xarray.Dataset:
     >>> p.lag.values.tolist(), p["mean"].values.tolist()[3:]
     ([-3, -2, -1, 0, 1, 2, 3], [1.0, 1.0, 1.0, 1.0])
     """
-    source = _reduce.as_source(J)
-    return _reduce.feed(source, _reduce.LagProfile(source.layout, absolute=absolute))
+    source = as_source(J)
+    return feed(source, _acc.LagProfile(source.layout, absolute=absolute))
 
 
 def top_k(J: Any, k: int = 5, example: int | None = None) -> xarray.Dataset:
@@ -187,8 +190,8 @@ def top_k(J: Any, k: int = 5, example: int | None = None) -> xarray.Dataset:
     >>> t.in_step.sel(out_step=1, out_feature=0).values.tolist()
     [4, 2]
     """
-    source = _reduce.as_source(J)
-    return _reduce.feed(source, _reduce.TopK(source.layout, k=k, example=example))
+    source = as_source(J)
+    return feed(source, _acc.TopK(source.layout, k=k, example=example))
 
 
 def feature_importance(J: Any, *, absolute: bool = True,
@@ -219,8 +222,8 @@ def feature_importance(J: Any, *, absolute: bool = True,
     >>> analysis.feature_importance(J).values.tolist()
     [[1.0, 4.0]]
     """
-    source = _reduce.as_source(J)
-    return _reduce.feed(source, _reduce.FeatureImportance(source.layout, absolute=absolute,
+    source = as_source(J)
+    return feed(source, _acc.FeatureImportance(source.layout, absolute=absolute,
                                                           example=example))
 
 
@@ -249,7 +252,7 @@ def reduction(name: str, **kwargs: Any) -> Reduction:
     >>> analysis.reduction("window_sum", in_steps=slice(0, 10))
     Reduction(name='window_sum', kwargs={'in_steps': slice(0, 10, None)})
     """
-    return _reduce.as_reduction(Reduction(name, dict(kwargs)))
+    return as_reduction(Reduction(name, dict(kwargs)))
 
 
 def open_reduced(path: str | os.PathLike[str]) -> Any:
@@ -263,4 +266,4 @@ def open_reduced(path: str | os.PathLike[str]) -> Any:
     >>> from jacstream import analysis
     >>> profile = analysis.open_reduced("lags.zarr")            # doctest: +SKIP
     """
-    return _reduce.load_reduced(path)
+    return load_reduced(path)

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _reduce
-from .errors import InputError
+from ..errors import InputError
+from .accumulators import Map
+from .source import as_source, feed
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -96,13 +97,13 @@ def heatmap(J: Any, example: int = 0, out_feature: int = 0, in_feature: int = 0,
 
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise InputError(f"max_pixels must be a positive int; got {max_pixels!r}.")
-    source = _reduce.as_source(J)
+    source = as_source(J)
     lay = source.layout
     bins = (-(-lay.n_out // max_pixels), -(-lay.t_in // max_pixels))
-    acc = _reduce.Map(lay, reduce="max" if absolute else "extreme", absolute=absolute,
+    acc = Map(lay, reduce="max" if absolute else "extreme", absolute=absolute,
                       example=example, out_feature=out_feature, in_feature=in_feature,
                       bins=bins)
-    values = _reduce.feed(source, acc).values
+    values = feed(source, acc).values
     ex, f1, f2 = acc.examples[0], acc.f1.start, acc.f2.start
 
     x = _edges(np.arange(lay.t_in), acc.ax_in.edges[:-1])
@@ -193,7 +194,7 @@ def lag_profile(J: Any, *, path: str | os.PathLike[str] | None = None, log: bool
     >>> fig.axes[0].get_xlabel()
     'lag t1 - t2 (output step - input step)'
     """
-    from . import analysis
+    from .. import analysis
 
     if not (isinstance(share, (int, float)) and 0 < share <= 1):
         raise InputError(f"share must be a fraction in (0, 1], e.g. 0.9; got {share!r}.")

@@ -15,14 +15,12 @@ memory. This module accepts:
   holds the process id: a spool left behind by a process that was killed is
   deleted by the next call for the same store.
 
-No TensorFlow import here: a ``tf.data.Dataset`` is recognised only if
-TensorFlow is already imported (it must be, for one to exist).
+No TensorFlow here: a ``tf.data.Dataset`` is recognised by its methods.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
+from ..planning.units import is_float
 
 __all__ = ["LazyInputs", "as_inputs", "is_dataset"]
 
@@ -78,10 +77,9 @@ class LazyInputs:
 
 
 def is_dataset(obj: Any) -> bool:
-    """True for a ``tf.data.Dataset`` (without importing TensorFlow)."""
-    tf = sys.modules.get("tensorflow")
-    data = getattr(tf, "data", None)
-    return data is not None and isinstance(obj, data.Dataset)
+    """True for a ``tf.data.Dataset``, recognised by what it does (no TensorFlow here)."""
+    return (not isinstance(obj, type) and hasattr(obj, "as_numpy_iterator")
+            and hasattr(obj, "element_spec"))
 
 
 def as_inputs(inputs: Any, *, scratch: str | os.PathLike[str] | None = None) -> Any:
@@ -139,7 +137,7 @@ def _check(inputs: Any, what: str = "inputs") -> Any:
     if 0 in shape:
         raise InputError(f"{what} have an empty axis: shape {shape}. Need at least one example, "
                          "one step and one feature.")
-    if not _is_float(inputs.dtype):
+    if not is_float(inputs.dtype):
         raise InputError(f"{what} must be floating point to be differentiated, got dtype "
                          f"{inputs.dtype}. Convert them, e.g. inputs.astype('float32').")
     if isinstance(inputs, np.memmap) or not isinstance(inputs, np.ndarray):
@@ -150,15 +148,6 @@ def _check(inputs: Any, what: str = "inputs") -> Any:
     if inputs.dtype != np.float32:
         inputs = inputs.astype(np.float32)
     return inputs
-
-
-def _is_float(dtype: Any) -> bool:
-    if str(dtype).startswith("bfloat"):
-        return True
-    try:
-        return np.dtype(dtype).kind == "f"
-    except TypeError:
-        return False
 
 
 # --------------------------------------------------------------------------- paths
@@ -282,7 +271,7 @@ def _spool(batches: Iterator[np.ndarray], scratch: str | os.PathLike[str] | None
         if x.ndim != 3:
             raise InputError(f"{what} has shape {x.shape}; batches must have shape (batch, "
                              "steps, features), or (steps, features) for single examples.")
-        if not _is_float(x.dtype):
+        if not is_float(x.dtype):
             raise InputError(f"{what} has dtype {x.dtype}; inputs must be floating point to be "
                              "differentiated. Cast them, e.g. ds.map(lambda x, y: "
                              "(tf.cast(x, tf.float32), y)).")

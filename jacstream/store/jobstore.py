@@ -27,22 +27,25 @@ from typing import Any, Literal, cast
 import numpy as np
 import zarr
 
-from ._dtypes import cast as _cast
-from ._dtypes import native_dtype, register_bfloat16
-from ._plan import LAYOUT, Block, Plan
-from ._version import __version__
-from .errors import (
+from .._version import __version__
+from ..errors import (
     NotAStoreError,
     ReadOnlyStoreError,
     StoreError,
     StoreMismatchError,
     StoreWriteError,
+    first_line,
 )
+from ..planning import LAYOUT, Block, Plan
+from .dtypes import cast as _cast
+from .dtypes import native_dtype, register_bfloat16
+from .rules import is_new, is_zarr_store, refuse_existing
 
-__all__ = ["ARRAY_NAME", "JobStore", "describe_differences"]
+__all__ = ["ARRAY_NAME", "DONE_DIR", "JobStore", "describe_differences"]
 
 ARRAY_NAME = "jacobian"
 DONE_DIR = "jacstream_blocks"
+DONE_SUFFIX = ".done"
 FORMAT = 1
 
 # Fields of the job identity: a store is reused only if all of them match.
@@ -68,11 +71,6 @@ def _brief(v: Any) -> str:
     return repr(v)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "(no message)"
-
-
 def _fsync_path(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -96,8 +94,7 @@ class JobStore:
     # -- opening ----------------------------------------------------------
     @staticmethod
     def exists(path: str | os.PathLike[str]) -> bool:
-        p = Path(path)
-        return p.exists() and (p / "zarr.json").exists()
+        return is_zarr_store(Path(path))
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> JobStore:
@@ -119,7 +116,7 @@ class JobStore:
             raise
         except Exception as e:
             raise NotAStoreError(
-                f"{str(p)!r} is not a jacstream store ({type(e).__name__}: {_first_line(e)}). "
+                f"{str(p)!r} is not a jacstream store ({type(e).__name__}: {first_line(e)}). "
                 "Pass the path of a store written by jacstream.jacobian(), or a new path; "
                 "jacstream never replaces a directory it did not write.") from None
         if not isinstance(meta, dict) or not isinstance(array, zarr.Array):
@@ -166,18 +163,8 @@ class JobStore:
     def create(cls, path: str | os.PathLike[str], plan: Plan, job: dict[str, Any],
                overwrite: bool = False) -> JobStore:
         p = Path(path)
-        empty_dir = p.is_dir() and not any(p.iterdir())
-        if p.exists() and not empty_dir:
-            if not overwrite:
-                raise StoreMismatchError(f"{str(p)!r} already exists. Pass overwrite=True to "
-                                         "replace it, or choose another path.")
-            if not p.is_dir():
-                raise StoreError(f"{str(p)!r} is a file, not a store directory. Choose another "
-                                 "path.")
-            if not (p / "zarr.json").exists():
-                raise StoreError(
-                    f"refusing to overwrite {str(p)!r}: it is a non-empty directory that is "
-                    "not a zarr store. Remove it yourself or choose another path.")
+        refuse_existing(p, overwrite)
+        replacing = not is_new(p)
         cls.check_creatable(p)
         meta = {
             "format": FORMAT,
@@ -207,7 +194,7 @@ class JobStore:
                 config={"write_empty_chunks": False})
             group.attrs["jacstream"] = meta
             (tmp / DONE_DIR).mkdir()
-            if p.exists() and not empty_dir:
+            if replacing:
                 os.replace(p, old)
             os.replace(tmp, p)
         except OSError as e:
@@ -224,11 +211,6 @@ class JobStore:
     @property
     def meta(self) -> dict[str, Any]:
         return dict(cast(dict[str, Any], self.group.attrs["jacstream"]))
-
-    def update_meta(self, **changes: Any) -> None:
-        meta = self.meta
-        meta.update(changes)
-        self.group.attrs["jacstream"] = meta
 
     @property
     def plan(self) -> Plan:
@@ -249,16 +231,23 @@ class JobStore:
             return set()
         out = set()
         for name in os.listdir(self._done_dir):
-            if name.endswith(".done"):
+            if name.endswith(DONE_SUFFIX):
                 try:
-                    out.add(int(name[:-5]))
+                    out.add(int(name[:-len(DONE_SUFFIX)]))
                 except ValueError:
                     pass
         return out
 
+    def marker(self, index: int) -> Path:
+        """The file whose presence records block ``index`` as done."""
+        return self._done_dir / f"{index:08d}{DONE_SUFFIX}"
+
+    def is_done(self, index: int) -> bool:
+        return self.marker(index).exists()
+
     def _mark_done(self, index: int) -> None:
         self._done_dir.mkdir(exist_ok=True)
-        final = self._done_dir / f"{index:08d}.done"
+        final = self.marker(index)
         fd, tmp = tempfile.mkstemp(dir=self._done_dir, suffix=".partial")
         try:
             os.write(fd, json.dumps({"t": time.time()}).encode())

@@ -22,11 +22,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import InputError, NonFiniteError
+from ..errors import InputError, NonFiniteError
+from ..planning.units import DTYPES as STORAGE_DTYPES
 
 __all__ = ["STORAGE_DTYPES", "cast", "native_dtype", "register_bfloat16"]
 
-STORAGE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Largest relative rounding error of a value in each dtype's normal range.
 RELATIVE_ERROR = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11,
                   "bfloat16": 2.0**-8}

@@ -1,0 +1,163 @@
+"""Model preparation: a faster call path with identical outputs, and what kind of model it is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._tf import keras, tf
+
+__all__ = ["RNN_LAYERS", "Pointwise", "PreparedModel", "call_model", "forward", "model_kind",
+           "prepare_model", "without_cudnn"]
+
+# Recurrent layers: a model with one is "recurrent" for the strategy prediction.
+RNN_LAYERS = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN, keras.layers.RNN)
+
+
+def call_model(call: Callable[[Any], Any], x: Any) -> Any:
+    """``call(x)``, in inference mode where ``call`` is a Keras model."""
+    return call(x, training=False) if isinstance(call, keras.Model) else call(x)
+
+
+def forward(call: Callable[[Any], Any], x: np.ndarray, device: str) -> np.ndarray:
+    """The model's outputs on ``x`` (eager, on ``device``) as a NumPy array."""
+    with tf.device(device):
+        y = call(x, training=False) if isinstance(call, keras.Model) else call(tf.constant(x))
+    return np.asarray(y)
+
+
+class Pointwise(keras.layers.Layer):
+    """Apply a per-step layer to all steps at once (what TimeDistributed(Dense) means).
+
+    Keras 3's TimeDistributed unrolls a Python loop over a static time axis and
+    mis-shapes a dynamic one inside tf.function (see shared NOTES); Dense
+    already maps the last axis of a (batch, T, H) tensor, with the same weights.
+    """
+
+    def __init__(self, inner: keras.layers.Layer, **kwargs: Any) -> None:
+        super().__init__(name=kwargs.pop("name", None) or f"pointwise_{inner.name}", **kwargs)
+        self.inner = inner
+
+    def call(self, x: Any, mask: Any = None, training: Any = None) -> Any:
+        return self.inner(x)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return self.inner.compute_output_shape(input_shape)
+
+
+_POINTWISE = (keras.layers.Dense, keras.layers.Activation, keras.layers.Dropout,
+              keras.layers.LayerNormalization)
+
+
+def _uses_cudnn(layer: keras.layers.Layer) -> bool:
+    """Whether the layer (or an RNN inside it, e.g. Bidirectional's) may pick cuDNN."""
+    return any(getattr(sub, "use_cudnn", False) in (True, "auto")
+               for sub in layer._flatten_layers(include_self=True, recursive=True))
+
+
+def without_cudnn(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """A copy of an RNN layer (or a wrapper of one) that never uses the cuDNN kernel.
+
+    The cuDNN RNN kernel has no pfor converter and no second derivative, so
+    ``pfor`` falls back to a slow loop and ``forward`` fails. The copy has the
+    same weights and runs the generic kernel; ``use_cudnn`` is not part of a
+    Keras 3 layer's config, so it is set on the copy's layers after building.
+    """
+    new = layer.__class__.from_config(layer.get_config())
+    new.build(layer.input.shape)
+    for sub in new._flatten_layers(include_self=True, recursive=True):
+        if hasattr(sub, "use_cudnn"):
+            sub.use_cudnn = False
+    new.set_weights(layer.get_weights())
+    return new
+
+
+def _rewrite(layer: keras.layers.Layer, no_cudnn: bool) -> keras.layers.Layer:
+    if isinstance(layer, keras.layers.TimeDistributed) and isinstance(layer.layer, _POINTWISE):
+        if not isinstance(layer.layer, keras.layers.LayerNormalization) or \
+                list(np.atleast_1d(layer.layer.axis)) in ([-1], [2]):
+            return Pointwise(layer.layer)
+    if no_cudnn and _uses_cudnn(layer):
+        return without_cudnn(layer)
+    return layer
+
+
+@dataclass
+class PreparedModel:
+    call: Callable[[Any], Any]
+    rewritten: list[str] = field(default_factory=list)
+    output: np.ndarray | None = None  # call's output on the sample, where it was computed
+
+
+def prepare_model(model: Any, sample: np.ndarray, device: str,
+                  no_cudnn: bool | None = None) -> PreparedModel:
+    """A call path for ``model`` that is faster to differentiate and gives identical outputs.
+
+    Functional and Sequential Keras models are cloned with shared layers, with
+    ``TimeDistributed(Dense)`` applied pointwise and, when ``no_cudnn`` (by
+    default: on a GPU), RNN layers copied to run without the cuDNN kernel. The
+    clone is used only if its output on ``sample`` equals the original's
+    (exactly; to float32 rounding where a cuDNN kernel was replaced, since
+    cuDNN sums in another order); otherwise the original model is used.
+    """
+    if not isinstance(model, keras.Model):
+        return PreparedModel(model)
+    if no_cudnn is None:
+        no_cudnn = ":GPU:" in device
+    changed: list[str] = []
+    cudnn_replaced = []
+
+    def clone_fn(layer: keras.layers.Layer) -> keras.layers.Layer:
+        new = _rewrite(layer, no_cudnn)
+        if new is not layer:
+            changed.append(f"{layer.__class__.__name__}({layer.name})"
+                           + (": no cuDNN" if not isinstance(new, Pointwise) else ""))
+            cudnn_replaced.append(not isinstance(new, Pointwise))
+        return new
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=clone_fn)
+    except Exception:  # subclassed or exotic: keep the model as it is
+        return PreparedModel(model)
+    if not changed:
+        return PreparedModel(model)
+    with tf.device(device):
+        a = np.asarray(model(sample, training=False))
+        b = np.asarray(clone(sample, training=False))
+    if a.shape != b.shape:
+        return PreparedModel(model, output=a)
+    if any(cudnn_replaced):
+        scale = float(np.max(np.abs(a))) if a.size else 0.0
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)):
+            return PreparedModel(model, output=a)
+    elif not np.array_equal(a, b):
+        return PreparedModel(model, output=a)
+    return PreparedModel(clone, changed, output=b)
+
+
+def model_kind(model: Any, call: Callable[[Any], Any], f_in: int,
+               dtype: tf.DType = tf.float32) -> tuple[str, int]:
+    """``("recurrent" | "feedforward", number of parameters)`` for strategy prediction.
+
+    Keras models are judged by their layers (any RNN is recurrent); other
+    callables by the ops of their traced graph (a while loop is recurrent),
+    their size by the tensors the graph captures.
+    """
+    if isinstance(model, keras.Model):
+        rnn = any(isinstance(sub, RNN_LAYERS)
+                  for sub in model._flatten_layers(include_self=False, recursive=True))
+        return ("recurrent" if rnn else "feedforward"), int(model.count_params())
+    try:
+        conc = tf.function(call).get_concrete_function(tf.TensorSpec([None, None, f_in], dtype))
+    except Exception:
+        return "feedforward", 0
+    ops = {op.type for op in conc.graph.get_operations()}
+    for f in conc.graph._functions.values():  # bodies of while loops live in sub-functions
+        ops.update(node.op for node in f.cached_definition.node_def)
+    n = sum(int(v.shape.num_elements() or 0) for v in conc.graph.variables)
+    n += sum(int(t.shape.num_elements() or 0) for t in conc.captured_inputs
+             if t.dtype != tf.resource)
+    return ("recurrent" if ops & {"While", "StatelessWhile"} else "feedforward"), n

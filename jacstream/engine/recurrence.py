@@ -1,0 +1,246 @@
+"""Recurrent models seen as one recurrence: which layers a chain is made of, and its pieces.
+
+:func:`decompose` matches a Keras model against ``per-step layers -> forward
+RNN -> per-step layers -> ... -> per-step layers`` (the chain the sensitivity
+strategy sweeps, see :mod:`.strategies.sensitivity`); :func:`builtin_chain`
+says whether such a chain is made of Keras' own layers only. The helpers apply
+per-step layers to rows (one row per example and step), differentiate them
+row by row, and run one step of a cell on flat states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import StrategyUnavailable
+from ._tf import keras, tf
+from .models import Pointwise
+
+__all__ = ["Chain", "NotApplicable", "Recurrent", "apply_steps", "builtin_chain", "cell_step",
+           "decompose", "rowwise_jacobian"]
+
+# Layers that act on each step alone (on the last axis), at inference. Pointwise is
+# jacstream's own TimeDistributed(Dense) rewrite (engine.models): the same Dense.
+_PER_STEP = (keras.layers.Dense, keras.layers.Dropout, keras.layers.Activation,
+             keras.layers.LayerNormalization, keras.layers.ReLU, keras.layers.LeakyReLU,
+             keras.layers.ELU, keras.layers.PReLU, keras.layers.Softmax,
+             keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+             keras.layers.AlphaDropout, keras.layers.Identity, Pointwise)
+
+
+class NotApplicable(StrategyUnavailable):
+    """The model is not a chain this strategy can decompose; the message says why."""
+
+
+# --------------------------------------------------------------------------- decomposition
+@dataclass
+class Recurrent:
+    layer: keras.layers.Layer
+    before: list[keras.layers.Layer]   # per-step layers between the previous stage and this
+    sizes: tuple[int, ...] = ()        # sizes of the cell's states, in the cell's order
+    in_size: int = 0                   # features of the cell's per-step input
+
+    @property
+    def cell(self) -> Any:
+        return self.layer.cell
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def out_size(self) -> int:         # the cell's output is its first state
+        return self.sizes[0]
+
+
+@dataclass
+class Chain:
+    """A model seen as per-step layers around forward recurrent layers."""
+
+    rnns: list[Recurrent]
+    head: list[keras.layers.Layer]
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def state_size(self) -> int:
+        return sum(r.size for r in self.rnns)
+
+    def describe(self) -> str:
+        return " -> ".join(self.names)
+
+
+def _state_sizes(cell: Any) -> tuple[int, ...]:
+    size = cell.state_size
+    sizes = list(size) if isinstance(size, (list, tuple)) else [size]
+    out: list[int] = []
+    for s in sizes:
+        if isinstance(s, (list, tuple)) or not isinstance(s, (int, np.integer)):
+            raise NotApplicable(f"the cell {type(cell).__name__} has a state of shape {s!r}; "
+                                "only flat states (an int or a list of ints) are supported")
+        out.append(int(s))
+    return tuple(out)
+
+
+def _is_per_step(layer: keras.layers.Layer) -> bool:
+    if isinstance(layer, keras.layers.TimeDistributed):
+        return _is_per_step(layer.layer)
+    if isinstance(layer, keras.layers.LayerNormalization):
+        axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        return list(axis) in ([-1], [2])
+    if isinstance(layer, keras.layers.Softmax):
+        return layer.axis in (-1, 2) if isinstance(layer.axis, int) else False
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return layer.axis in (-1, 2)
+    return isinstance(layer, _PER_STEP)
+
+
+def _chain_layers(model: Any) -> list[keras.layers.Layer]:
+    """The layers of a Sequential or single-path functional model, in order."""
+    if not isinstance(model, keras.Model):
+        raise NotApplicable("the model is a plain callable, not a Keras model: its layers "
+                            "cannot be matched")
+    if isinstance(model, keras.Sequential):
+        return list(model.layers)
+    if not hasattr(model, "_operations") or len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise NotApplicable("only Sequential and single-input, single-output functional "
+                            "models are decomposed")
+    by_depth = getattr(model, "_nodes_by_depth", None)
+    if not by_depth:
+        raise NotApplicable("the model's layer graph cannot be read")
+    layers: list[keras.layers.Layer] = []
+    prev = None
+    for depth in sorted(by_depth, reverse=True):     # from the input to the output
+        nodes = by_depth[depth]
+        if len(nodes) != 1:
+            raise NotApplicable(f"the model branches ({len(nodes)} layers at one depth)")
+        node = nodes[0]
+        layer = node.operation
+        if isinstance(layer, keras.layers.InputLayer):
+            prev = node.output_tensors[0]
+            continue
+        if len(node.input_tensors) != 1 or node.input_tensors[0] is not prev:
+            raise NotApplicable(f"layer {layer.name!r} does not take exactly the previous "
+                                "layer's output: not a single chain")
+        layers.append(layer)
+        prev = node.output_tensors[0]
+    if prev is not model.outputs[0]:
+        raise NotApplicable("the model's output is not the last layer's output")
+    return layers
+
+
+def decompose(model: Any) -> Chain:
+    """Match ``model`` against ``per-step -> RNN -> per-step -> ... -> per-step``.
+
+    Raises :class:`NotApplicable` with the first reason it is not such a chain.
+    """
+    rnns: list[Recurrent] = []
+    pending: list[keras.layers.Layer] = []
+    names: list[str] = []
+    for layer in _chain_layers(model):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        name = f"{type(layer).__name__}({layer.name})"
+        if isinstance(layer, keras.layers.Bidirectional):
+            raise NotApplicable(f"{name} runs backwards in time: not a forward recurrence")
+        if isinstance(layer, keras.layers.RNN):
+            for attr, bad, why in (("go_backwards", True, "runs backwards in time"),
+                                   ("stateful", True, "is stateful"),
+                                   ("return_sequences", False, "does not return sequences"),
+                                   ("return_state", True, "returns its states")):
+                if bool(getattr(layer, attr, not bad)) == bad:
+                    raise NotApplicable(f"{name} {why}")
+            cell = layer.cell
+            if isinstance(cell, keras.layers.StackedRNNCells):
+                raise NotApplicable(f"{name} has stacked cells (StackedRNNCells)")
+            rnns.append(Recurrent(layer, pending, _state_sizes(cell),
+                                   int(layer.input.shape[-1])))
+            pending = []
+        elif isinstance(layer, keras.layers.Masking) or getattr(layer, "supports_masking",
+                                                                False) is None:
+            raise NotApplicable(f"{name} masks steps")
+        elif _is_per_step(layer):
+            pending.append(layer)
+        else:
+            raise NotApplicable(f"{name} is neither a forward RNN nor a known per-step layer")
+        names.append(name)
+    if not rnns:
+        raise NotApplicable("the model has no recurrent layer")
+    return Chain(rnns, pending, names)
+
+
+_BUILTIN_RNNS = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
+_BUILTIN_STEPS = (keras.layers.Dense, keras.layers.Dropout, keras.layers.Activation,
+                  keras.layers.LayerNormalization, keras.layers.ReLU, keras.layers.LeakyReLU,
+                  keras.layers.ELU, keras.layers.Softmax, keras.layers.GaussianNoise,
+                  keras.layers.GaussianDropout, keras.layers.AlphaDropout,
+                  keras.layers.Identity, keras.layers.BatchNormalization)
+
+
+def _builtin_activation(fn: Any) -> bool:
+    return fn is None or str(getattr(fn, "__module__", "")).startswith("keras.src.activations")
+
+
+def builtin_chain(model: Any) -> tuple[bool, str]:
+    """Whether ``model`` is a chain of Keras' own per-step and forward recurrent layers only.
+
+    Exact types (no subclasses), Keras activations only. Such a model cannot mix
+    examples, is deterministic at inference, differentiable, and causal, by the
+    layers' own definitions: the eager checks that establish this numerically
+    for other models can be skipped. Returns ``(ok, why)``.
+    """
+    try:
+        chain = decompose(model)
+    except NotApplicable as e:
+        return False, str(e)
+    layers = [r.layer for r in chain.rnns] + [la for r in chain.rnns for la in r.before] \
+        + list(chain.head)
+    for la in layers:
+        inner = la.layer if type(la) is keras.layers.TimeDistributed else la
+        if type(inner) not in _BUILTIN_RNNS + _BUILTIN_STEPS:
+            return False, f"{type(inner).__name__}({inner.name}) is not one of Keras' own layers"
+        for attr in ("activation", "recurrent_activation"):
+            if not _builtin_activation(getattr(inner, attr, None)):
+                return False, f"{inner.name} has a custom {attr}"
+    return True, ("a chain of Keras' own per-step and forward recurrent layers ("
+                  + chain.describe() + ")")
+
+
+
+def apply_steps(layers: Sequence[keras.layers.Layer], rows: tf.Tensor) -> tf.Tensor:
+    """Per-step layers on rows ``(N, F)``: each row is one step of one example."""
+    if not layers:
+        return rows
+    y = rows[:, None, :]
+    for layer in layers:
+        y = layer(y, training=False)
+    return y[:, 0, :]
+
+
+def rowwise_jacobian(layers: Sequence[keras.layers.Layer], rows: tf.Tensor,
+                      n_out: int) -> tf.Tensor:
+    """``d layers(row) / d row`` for every row: ``(N, n_out, F)``, by tiled reverse mode."""
+    n = tf.shape(rows)[0]
+    rep = tf.repeat(rows, n_out, axis=0)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(rep)
+        y = apply_steps(layers, rep)
+        loss = tf.reduce_sum(tf.reshape(y, [n, n_out, n_out]) * tf.eye(n_out, dtype=y.dtype))
+    g = tape.gradient(loss, rep, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return tf.reshape(g, [n, n_out, tf.shape(rows)[1]])
+
+
+def cell_step(rnn: Recurrent, u: tf.Tensor, s: tf.Tensor) -> tf.Tensor:
+    """One step of the cell on flat states: ``s' = step(u, s)``, states concatenated.
+
+    Called as Keras' RNN layer calls it: the states as a list, ``training`` only
+    where the cell's ``call`` takes it.
+    """
+    states = tf.split(s, list(rnn.sizes), axis=-1) if len(rnn.sizes) > 1 else [s]
+    kwargs = {"training": False} if getattr(rnn.cell, "_call_has_training_arg", False) else {}
+    _, new = rnn.cell(u, states, **kwargs)
+    new = tf.nest.flatten(new)
+    return tf.concat(new, axis=-1) if len(new) > 1 else new[0]

@@ -113,6 +113,7 @@ class Sensitivity(BlockFunction):
         self.setup_seconds = 0.0      # the last sweep's start: its forward pass
         self.swept_columns = 0        # (column, step) pairs carried by the sweeps
         self.dropped_columns = 0      # (column, step) pairs dropped as exactly zero
+        self.widest_lag = 0           # the most input steps back any sweep still carried
         self._sweep: _Sweep | None = None
         self._forward_fn = tf.function(self._forward, input_signature=[
             tf.TensorSpec([None, None, self.f_in], self.dtype)], autograph=False)
@@ -372,9 +373,11 @@ class Sensitivity(BlockFunction):
         return {"sensitivity_chain": self.chain.describe()}
 
     def run_info(self) -> dict[str, Any]:
-        """For the run record: the (column, step) pairs carried, and those dropped as zero."""
+        """For the run record: the (column, step) pairs carried, those dropped as exactly zero,
+        and the widest lag carried (past it, every column of ds/dx was exactly zero)."""
         return {"sensitivity": {"column_steps_carried": int(self.swept_columns),
-                                "column_steps_dropped_as_zero": int(self.dropped_columns)}}
+                                "column_steps_dropped_as_zero": int(self.dropped_columns),
+                                "widest_lag_carried": int(self.widest_lag)}}
 
 
 def _close_or_refuse(mine: np.ndarray, ref: np.ndarray, what: str, why: str) -> None:
@@ -468,6 +471,8 @@ class _Sweep:
         self.z = z[:, drop * f_in:] if drop else z
         self.lo += drop
         self.t = t0 + real
+        # steps back from the chunk's last step to the oldest column still carried
+        fn.widest_lag = max(fn.widest_lag, self.t - 1 - self.lo)
 
     def rows(self, idx: np.ndarray, in_len: int) -> np.ndarray:
         """``J[:, idx, :, :in_len, :]`` of this slab, sweeping as far as needed."""

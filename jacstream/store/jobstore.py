@@ -275,8 +275,15 @@ class JobStore:
                 pad = np.zeros(data.shape[:3] + (c1 - data.shape[3],) + data.shape[4:],
                                data.dtype)
                 data = np.concatenate([data, pad], axis=3)
+            # Leading chunks that are all zero (a causal block's oldest inputs, where the
+            # gradients underflowed) are not handed to zarr, which would only compare them
+            # with the fill value and store nothing: a chunk belongs to one block, so an
+            # unwritten chunk reads as the same zeros.
+            skip = _leading_zero_chunks(data, plan.in_chunk)
+            c0, data = skip, data[:, :, :, skip:]
         try:
-            self.array[e0:e1, p0:p1, :, c0:c1, :] = _cast(data, plan.dtype)
+            if c1 > c0:
+                self.array[e0:e1, p0:p1, :, c0:c1, :] = _cast(data, plan.dtype)
             if durable:
                 for key in self._chunk_keys(plan, block, c0, c1):
                     _fsync_path(self.path / ARRAY_NAME / key)
@@ -310,3 +317,11 @@ class JobStore:
             for f in files:
                 total += os.path.getsize(os.path.join(root, f))
         return total
+
+
+def _leading_zero_chunks(data: np.ndarray, chunk: int) -> int:
+    """Input steps, in whole chunks from step 0, over which ``data`` is exactly zero."""
+    n = 0
+    while n < data.shape[3] and not data[:, :, :, n:n + chunk].any():
+        n += chunk
+    return min(n, data.shape[3])

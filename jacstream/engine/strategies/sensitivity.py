@@ -68,6 +68,8 @@ __all__ = ["CHUNK", "Sensitivity", "chunk_for"]
 CHUNK = 32
 # Bound on the chunk's own matrices (A, the propagators, their products) for a slab.
 CHUNK_BYTES = 192 * 2**20
+# States at most this wide always move old columns through propagators (see modes).
+NARROW_STATE = 128
 
 
 def chunk_for(state_size: int, examples: int, f_in: int = 1) -> int:
@@ -124,10 +126,13 @@ class Sensitivity(BlockFunction):
 
         Propagators cost ``k S^3`` per chunk against ``k n S^2`` step by step
         (``n`` columns carried): they pay when the sequence is longer than the
-        state is wide.
+        state is wide, and cost little either way for a narrow state.
         """
         size = self.chain.state_size
-        return chunk_for(size, int(shape[0]), self.f_in), int(shape[1]) > size
+        # A narrow state always: the propagators then cost little even on short prefixes,
+        # and the checks and the job trace the same chunk function.
+        return (chunk_for(size, int(shape[0]), self.f_in),
+                size <= NARROW_STATE or int(shape[1]) > size)
 
     # -- traced pieces ----------------------------------------------------
     def _forward(self, x: tf.Tensor) -> tuple[list[tf.Tensor], ...]:
@@ -257,18 +262,19 @@ class Sensitivity(BlockFunction):
             return tf.while_loop(lambda j, *_: j < k, body, (tf.constant(1), *init))[1:]
 
         if propagate:
-            def step(j: tf.Tensor, p: tf.Tensor, f: tf.Tensor, ps: Any, fs: Any) -> tuple:
-                p = tf.matmul(p, at_k[j])
-                f = tf.matmul(f, at_k[j]) + inj_k[j]
-                return j + 1, p, f, ps.write(j, p), fs.write(j, f)
-
-            ta = [tf.TensorArray(dt, size=k, element_shape=[None, size, size]),
-                  tf.TensorArray(dt, size=k, element_shape=[None, k * f_in, size])]
-            p, _, ps, fs = loop(step, (at_k[0], inj_k[0], ta[0].write(0, at_k[0]),
-                                       ta[1].write(0, inj_k[0])))
-            w = tf.matmul(tf.transpose(ps.stack(), [1, 0, 2, 3]), ct)    # (E, k, S, F_out)
+            # The propagator P_j and the chunk's own columns move together: one product of
+            # the stacked (S + k F_in, S) operand per step, unrolled (k is fixed per trace).
+            inj_pad = tf.pad(inj_k, [[0, 0], [0, 0], [size, 0], [0, 0]])   # P's rows: zero
+            pf = tf.concat([at_k[0], inj_k[0]], axis=1)
+            pfs = [pf]
+            for j in range(1, k):
+                pf = tf.matmul(pf, at_k[j]) + inj_pad[j]
+                pfs.append(pf)
+            stacked = tf.stack(pfs, axis=1)                              # (E, k, S + kF, S)
+            ps, fs_stacked = stacked[:, :, :size], stacked[:, :, size:]
+            w = tf.matmul(ps, ct)                                        # (E, k, S, F_out)
             w = tf.reshape(tf.transpose(w, [0, 2, 1, 3]), [e, size, k * f_out])
-            j_old, z_old = tf.matmul(z, w), tf.matmul(z, p)
+            j_old, z_old = tf.matmul(z, w), tf.matmul(z, pf[:, :size])
         else:
             ct_k = tf.transpose(ct, [1, 0, 2, 3])
 
@@ -283,7 +289,8 @@ class Sensitivity(BlockFunction):
             z_old, _, jo, fs = loop(step_z, (z0, inj_k[0], ta[0].write(0, tf.matmul(z0, ct_k[0])),
                                            ta[1].write(0, inj_k[0])))
             j_old = tf.reshape(tf.transpose(jo.stack(), [1, 2, 0, 3]), [e, n_old, k * f_out])
-        fs = tf.transpose(fs.stack(), [1, 0, 2, 3])                      # (E, k, k F_in, S)
+            fs_stacked = tf.transpose(fs.stack(), [1, 0, 2, 3])          # (E, k, k F_in, S)
+        fs = fs_stacked
         j_new = tf.matmul(fs, ct)                                        # (E, k, k F_in, F_out)
         nonzero = tf.reduce_any(tf.not_equal(z_old, 0), axis=[0, 2])
         lead = tf.cond(tf.reduce_any(nonzero),

@@ -3,8 +3,8 @@
 Every model is compared with ``tf.GradientTape.batch_jacobian``. The traced
 chunk is cut to 8 steps here, so that sequences of 23 steps take three chunks
 (the last one partial and padded) and both ways of carrying old columns run:
-chunk propagators (state narrower than the sequence) and step by step (state
-wider than the sequence).
+chunk propagators (a narrow state, or one narrower than the sequence) and step by
+step (a state wider than the sequence and than ``NARROW_STATE``).
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ def _model(name: str):
                                  L.GRU(6, return_sequences=True), L.LayerNormalization(),
                                  L.Dropout(0.3), L.LSTM(4, return_sequences=True),
                                  L.TimeDistributed(L.Dense(3))]), 2
-    if name == "wide_state":            # state (2 x 16) wider than the sequence: step by step
-        return keras.Sequential([keras.Input((None, 1)), L.LSTM(16, return_sequences=True),
+    if name == "wide_state":            # state (2 x 72) wider than the sequence and than
+        # NARROW_STATE: old columns step by step
+        return keras.Sequential([keras.Input((None, 1)), L.LSTM(72, return_sequences=True),
                                  L.Dense(1)]), 1
     raise KeyError(name)
 
@@ -147,11 +148,12 @@ def _function(model, f_in, f_out=1):
 
 
 def test_both_sweep_modes_run():
-    """The table covers propagators (narrow state) and steps (state wider than T)."""
+    """The table covers propagators (narrow state) and steps (a wide state, wider than T)."""
     narrow, _ = _model("gru")
     wide, _ = _model("wide_state")
     assert _function(narrow, 2).modes((3, T)) == (8, True)
     assert _function(wide, 1).modes((3, T)) == (8, False)
+    assert _function(wide, 1).modes((3, 200)) == (8, True)     # a longer sequence: propagators
 
 
 def test_traces_do_not_grow_with_blocks(tmp_path):

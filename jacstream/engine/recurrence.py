@@ -5,7 +5,8 @@ RNN -> per-step layers -> ... -> per-step layers`` (the chain the sensitivity
 strategy sweeps, see :mod:`.strategies.sensitivity`); :func:`builtin_chain`
 says whether such a chain is made of Keras' own layers only. The helpers apply
 per-step layers to rows (one row per example and step), differentiate them
-row by row, and run one step of a cell on flat states.
+row by row, and run one step of a cell on flat states; :func:`reverse_reference` and
+:func:`close_or_refuse` check a decomposition against the model's own gradients.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import numpy as np
 
 from ..errors import StrategyUnavailable
 from ._tf import keras, tf
-from .models import Pointwise
+from .models import Pointwise, call_model
 
 __all__ = ["Chain", "NotApplicable", "Recurrent", "apply_steps", "builtin_chain", "cell_step",
-           "decompose", "rowwise_jacobian"]
+           "close_or_refuse", "decompose", "reverse_reference", "rowwise_jacobian"]
 
 # Layers that act on each step alone (on the last axis), at inference. Pointwise is
 # jacstream's own TimeDistributed(Dense) rewrite (engine.models): the same Dense.
@@ -244,3 +245,28 @@ def cell_step(rnn: Recurrent, u: tf.Tensor, s: tf.Tensor) -> tf.Tensor:
     _, new = rnn.cell(u, states, **kwargs)
     new = tf.nest.flatten(new)
     return tf.concat(new, axis=-1) if len(new) > 1 else new[0]
+
+
+def close_or_refuse(mine: np.ndarray, ref: np.ndarray, what: str, why: str) -> None:
+    """Raise NotApplicable (saying ``what`` and ``why``) unless ``mine`` equals ``ref`` to
+    float32 rounding."""
+    if mine.shape != ref.shape:
+        raise NotApplicable(f"{what}: shape {mine.shape}, the model's {ref.shape}")
+    scale = max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1e-30)
+    if not np.allclose(mine, ref, rtol=1e-4, atol=1e-5 * scale):
+        err = float(np.max(np.abs(mine - ref)))
+        raise NotApplicable(f"{what} (by up to {err:.3g}, scale {scale:.3g})"
+                            + (f": {why}" if why else ""))
+
+
+def reverse_reference(call: Any, x: np.ndarray, f_out: int, device: str) -> np.ndarray:
+    """``J`` of ``x`` by ordinary gradients: one copy of each example per Jacobian row."""
+    b, t, f_in = x.shape
+    r = t * f_out
+    xt = tf.constant(np.repeat(x, r, axis=0))
+    with tf.device(device), tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(xt)
+        y = tf.convert_to_tensor(call_model(call, xt))
+        loss = tf.reduce_sum(tf.reshape(y, [b, r, r]) * tf.eye(r, dtype=y.dtype))
+    g = tape.gradient(loss, xt, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return g.numpy().reshape(b, t, f_out, t, f_in)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .steps import inputs_needed
+from .strategies import REGISTRY
 from .units import format_bytes, itemsize
 
 __all__ = ["BLOCKS_IN_FLIGHT", "LAYOUT", "Block", "CostModel", "Plan", "forward_peak"]
@@ -148,8 +149,6 @@ class Plan:
     def block(self, index: int) -> Block:
         """The block with this index (ordered by step block, then example block; by example
         block first for a strategy that sweeps in time)."""
-        from .strategies import REGISTRY
-
         if not 0 <= index < self.n_blocks:
             raise IndexError(f"block {index} out of range (plan has {self.n_blocks} blocks)")
         info = REGISTRY.get(self.strategy)

@@ -63,8 +63,9 @@ class StrategyInfo:
 # candidate tried; `python -m benchmarks.phases --T 1000`: 2.6 s, 6.3 s before).
 # sensitivity (recurrent chains only; engine/strategies/sensitivity.py): build ~0.6 s
 # (forward pass, prefix checks, one chunk trace), then a small fraction of tile's time
-# per row-step that shrinks with T (benchmarks: 1.0 s at T=300 and 1.6 s at T=1000 in all,
-# against tile's 2.8 s and 9.1 s). Listed first: it wins ties of the prediction.
+# per row-step that shrinks with T (whole calls, benchmark runner: 0.80 s at T=300 and
+# 1.15 s at T=1000, benchmarks/results/sensitivity; tile took 2.8 s and 9.1 s in the
+# README's earlier full run). Listed first: it wins ties of the prediction.
 REGISTRY: dict[str, StrategyInfo] = {s.name: s for s in (
     StrategyInfo("sensitivity", "out", 640, trace={"recurrent": 0.6, "feedforward": 0.6},
                  rate={"recurrent": 0.04, "feedforward": 0.04}, kinds=("recurrent",),

@@ -56,7 +56,9 @@ from ..recurrence import (
     Recurrent,
     apply_steps,
     cell_step,
+    close_or_refuse,
     decompose,
+    reverse_reference,
     rowwise_jacobian,
 )
 from .base import BlockFunction, Computed, FunctionSpec
@@ -109,7 +111,6 @@ class Sensitivity(BlockFunction):
                 f"strategy='sensitivity' does not apply to this model: {e}. It needs "
                 "per-step layers around forward RNN layers that return sequences; use "
                 "strategy='auto' (or 'pfor', 'tile').") from None
-        self.f_in, self.f_out, self.device = spec.f_in, spec.f_out, spec.device
         self.dtype = tf.float32
         self.batch_hint = 1           # examples the cost model plans for (run.candidates)
         self.setup_seconds = 0.0      # the last sweep's start: its forward pass
@@ -120,6 +121,18 @@ class Sensitivity(BlockFunction):
         self._forward_fn = tf.function(self._forward, input_signature=[
             tf.TensorSpec([None, None, self.f_in], self.dtype)], autograph=False)
         self._chunk_fns: dict[tuple[int, bool], Any] = {}
+
+    @property
+    def f_in(self) -> int:
+        return self.spec.f_in
+
+    @property
+    def f_out(self) -> int:
+        return self.spec.f_out
+
+    @property
+    def device(self) -> str:
+        return self.spec.device
 
     def modes(self, shape: Sequence[int]) -> tuple[int, bool]:
         """``(steps per chunk, propagators?)`` for a slab of inputs of ``shape``.
@@ -333,12 +346,12 @@ class Sensitivity(BlockFunction):
         sw = _Sweep(self, x)
         with tf.device(self.device):
             ref_y = np.asarray(call_model(self.call, tf.constant(x)))
-        _close_or_refuse(sw.y, ref_y, "the decomposed forward pass does not reproduce the "
+        close_or_refuse(sw.y, ref_y, "the decomposed forward pass does not reproduce the "
                          "model's outputs", "a layer does more than its known per-step or "
                          "recurrent form")
         mine = sw.rows(np.arange(x.shape[1]), x.shape[1])
-        ref = _reverse_reference(self.call, x, self.f_out, self.device)
-        _close_or_refuse(mine, ref, "the decomposed Jacobian differs from reverse-mode "
+        ref = reverse_reference(self.call, x, self.f_out, self.device)
+        close_or_refuse(mine, ref, "the decomposed Jacobian differs from reverse-mode "
                          f"gradients of the model on the first {x.shape[1]} steps", "")
         self._sweep = None
 
@@ -385,29 +398,6 @@ class Sensitivity(BlockFunction):
         return {"sensitivity": {"column_steps_carried": int(self.swept_columns),
                                 "column_steps_dropped_as_zero": int(self.dropped_columns),
                                 "widest_lag_carried": int(self.widest_lag)}}
-
-
-def _close_or_refuse(mine: np.ndarray, ref: np.ndarray, what: str, why: str) -> None:
-    if mine.shape != ref.shape:
-        raise NotApplicable(f"{what}: shape {mine.shape}, the model's {ref.shape}")
-    scale = max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1e-30)
-    if not np.allclose(mine, ref, rtol=1e-4, atol=1e-5 * scale):
-        err = float(np.max(np.abs(mine - ref)))
-        raise NotApplicable(f"{what} (by up to {err:.3g}, scale {scale:.3g})"
-                            + (f": {why}" if why else ""))
-
-
-def _reverse_reference(call: Any, x: np.ndarray, f_out: int, device: str) -> np.ndarray:
-    """``J`` of ``x`` by ordinary gradients: one copy of each example per Jacobian row."""
-    b, t, f_in = x.shape
-    r = t * f_out
-    xt = tf.constant(np.repeat(x, r, axis=0))
-    with tf.device(device), tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(xt)
-        y = tf.convert_to_tensor(call_model(call, xt))
-        loss = tf.reduce_sum(tf.reshape(y, [b, r, r]) * tf.eye(r, dtype=y.dtype))
-    g = tape.gradient(loss, xt, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return g.numpy().reshape(b, t, f_out, t, f_in)
 
 
 def _cell_out(rnn: Recurrent, s: tf.Tensor) -> tf.Tensor:

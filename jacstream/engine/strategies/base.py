@@ -147,6 +147,18 @@ class BlockFunction:
     def notes(self) -> list[str]:
         return list(self.spec.notes)
 
+    @property
+    def f_in(self) -> int:
+        return self.spec.f_in
+
+    @property
+    def f_out(self) -> int:
+        return self.spec.f_out
+
+    @property
+    def device(self) -> str:
+        return self.spec.device
+
     def bind(self, plan: Plan) -> None:
         """Take the block lengths of ``plan`` (static-shape mode pads blocks to them)."""
         self.spec = self.spec.for_plan(plan)

@@ -122,18 +122,6 @@ class Sensitivity(BlockFunction):
             tf.TensorSpec([None, None, self.f_in], self.dtype)], autograph=False)
         self._chunk_fns: dict[tuple[int, bool], Any] = {}
 
-    @property
-    def f_in(self) -> int:
-        return self.spec.f_in
-
-    @property
-    def f_out(self) -> int:
-        return self.spec.f_out
-
-    @property
-    def device(self) -> str:
-        return self.spec.device
-
     def modes(self, shape: Sequence[int]) -> tuple[int, bool]:
         """``(steps per chunk, propagators?)`` for a slab of inputs of ``shape``.
 

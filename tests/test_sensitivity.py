@@ -268,3 +268,22 @@ def test_interrupted_run_resumes_to_the_same_bits(tmp_path):
     assert J.stats["blocks_skipped"] >= 4
     assert np.asarray(J[...]).tobytes() == np.asarray(clean[...]).tobytes()
     assert_jacobian_close(J[...], ref, "resumed")
+
+
+def test_process_settings_are_put_back(tmp_path):
+    """The job freezes the garbage collector's old objects and the sweep turns Grappler
+    off for its own calls; both are the process's settings, and both come back."""
+    import gc
+
+    import tensorflow as tf
+
+    model, x, ref = _case("lstm_td")
+    during: list[int] = []
+    frozen_before = gc.get_freeze_count()
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="sensitivity",
+                           block_size=4, progress=False,
+                           on_block=lambda info: during.append(gc.get_freeze_count()))
+    assert during and min(during) > frozen_before     # frozen while the blocks ran
+    assert gc.get_freeze_count() == frozen_before
+    assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer")
+    assert_jacobian_close(J[...], ref, "lstm_td")

@@ -21,6 +21,7 @@ from ..planning import Plan, normalize_out_steps
 from ..planning.strategies import REGISTRY
 from ..store import Jacobian, JobStore, rules
 from ..store.sink import Sink
+from . import collector
 from .budget import default_memory_budget
 from .candidates import Candidates
 from .inputs import as_inputs
@@ -83,6 +84,11 @@ def run(model: Any, inputs: Any, req: Request, *, reduce_to: Any = None,
     where blocks go instead of the store (a :class:`~jacstream.store.sink.NullSink`
     for benchmarks); the store still holds the job's metadata and run record.
     """
+    with collector.frozen():   # the objects from before the job: out of the collector's way
+        return _run(model, inputs, req, reduce_to, blocks_to)
+
+
+def _run(model: Any, inputs: Any, req: Request, reduce_to: Any, blocks_to: Sink | None) -> Any:
     t_call, rss0 = time.perf_counter(), current_rss()
     x = as_inputs(inputs, scratch=req.store)
     existing = None if reduce_to is not None else _existing_store(req)

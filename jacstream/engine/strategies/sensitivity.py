@@ -36,7 +36,8 @@ loop over Jacobian rows, no vectorised backward pass.
   must match ordinary reverse-mode gradients (:meth:`Sensitivity.check`).
 
 The linearisation of the cells is in :mod:`jacstream.engine.linearize`, the
-decomposition in :mod:`jacstream.engine.recurrence`.
+decomposition in :mod:`jacstream.engine.recurrence`, a chunk's products in
+:mod:`jacstream.engine.propagate`.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ import numpy as np
 
 from ...planning import Block, CostModel, Plan
 from .._tf import keras, tf
-from ..linearize import linearize_cell
+from ..linearize import linearize_cell, per_step_jacobian_t
 from ..models import call_model
+from ..propagate import grappler_off, propagated, stepwise
 from ..recurrence import (
     NotApplicable,
     Recurrent,
@@ -198,16 +200,16 @@ class Sensitivity(BlockFunction):
                 bt_cols.append(tf.matmul(bt_cols[-1][:, :, :below.out_size], g_t))
             off += rnn.size
         last = rnns[-1]
-        c_t = tf.transpose(rowwise_jacobian(self.chain.head, _cell_out(last, new[-1]),
-                                             self.f_out), [0, 2, 1])   # (N, H_L, F_out)
+        c_t = self._per_step_t(self.chain.head, _cell_out(last, new[-1]), self.f_out)
         ct = tf.pad(c_t, [[0, 0], [size - last.size, last.size - last.out_size], [0, 0]])
         return tf.concat(at_cols, axis=2), tf.concat(bt_cols, axis=2), ct
 
     def _per_step_t(self, layers: Sequence[keras.layers.Layer], rows: tf.Tensor,
                     n_out: int) -> tf.Tensor:
         """``(d layers(row) / d row)^T``: ``(N, F, n_out)``; the identity without layers."""
-        if not layers:
-            return tf.eye(n_out, batch_shape=[tf.shape(rows)[0]], dtype=rows.dtype)
+        closed = per_step_jacobian_t(layers, rows, n_out)
+        if closed is not None:
+            return closed
         return tf.transpose(rowwise_jacobian(layers, rows, n_out), [0, 2, 1])
 
     def _chunk(self, k: int, propagate: bool) -> Any:
@@ -227,78 +229,36 @@ class Sensitivity(BlockFunction):
                     propagate: bool) -> tuple[Any, ...]:
         """Sweep ``k`` steps ``t0..t0+k-1``; ``z`` holds the old columns ``Z_{t0-1}^T``.
 
-        Old columns move through the chunk's propagator ``P_j = A_j ... A_0``:
-        ``J_j(old) = C_j P_j Z_{t0-1}`` and ``Z_{t0+k-1}(old) = P_{k-1} Z_{t0-1}``,
-        so the wide ``(n, S)`` operand is multiplied twice per chunk instead of
-        once per step (``k S^3`` for the small products against ``k n S^2``).
-        When ``n <= S`` that would cost more, and ``z`` is swept step by step.
-        The chunk's own columns are swept step by step (they are few).
-
         Returns ``Z_{t0+k-1}^T`` (old columns, then the chunk's), the old columns'
-        rows ``(E, n, k * F_out)``, the chunk's own ``(E, k, k * F_in, F_out)``,
-        the number of leading old columns now exactly zero, and whether every
-        ``A`` was finite.
+        rows ``(E, n, k * F_out)``, the chunk's own rows flat ``(E, k (k + 1) / 2
+        * F_in, F_out)`` (step ``j``'s ``(j + 1) F_in`` columns after step ``j -
+        1``'s), the number of leading old columns now exactly zero for every
+        example, and whether every ``A`` was finite (dropping zero columns is
+        exact only then: ``0 * inf`` is NaN).
         """
         self.traces += 1
         e = tf.shape(x)[0]
         size, f_in, f_out = self.chain.state_size, self.f_in, self.f_out
-        dt = self.dtype
 
-        def rows(v: tf.Tensor) -> tf.Tensor:
-            return tf.reshape(v, [e * k, v.shape[-1]])
+        def rows(v: tf.Tensor) -> tf.Tensor:   # step-major: step j's rows are contiguous
+            return tf.reshape(tf.transpose(v, [1, 0, 2]), [k * e, v.shape[-1]])
 
         at, bt, ct = self._linearize(rows(x), [rows(u) for u in us], [rows(p) for p in prev],
                                      [rows(v) for v in new])
-        at = tf.reshape(at, [e, k, size, size])
-        bt = tf.reshape(bt, [e, k, f_in, size])
-        ct = tf.reshape(ct, [e, k, size, f_out])
-        # inj[:, j]: step j's input columns placed among the chunk's k * F_in columns
-        inj = tf.reshape(tf.einsum("jm,ejfs->ejmfs", tf.eye(k, dtype=dt), bt),
-                         [e, k, k * f_in, size])
-        n_old = tf.shape(z)[1]
-        at_k = tf.transpose(at, [1, 0, 2, 3])                   # (k, E, S, S): at_k[j] contiguous
-        inj_k = tf.transpose(inj, [1, 0, 2, 3])
-
-        def loop(body: Callable[..., tuple[Any, ...]], init: tuple[Any, ...]) -> tuple[Any, ...]:
-            return tf.while_loop(lambda j, *_: j < k, body, (tf.constant(1), *init))[1:]
-
+        # one Unpack op per operand (slicing step by step would trace 4 ops per slice)
+        a_j = tf.unstack(tf.reshape(at, [k, e, size, size]), num=k)
+        b_j = tf.unstack(tf.reshape(bt, [k, e, f_in, size]), num=k)
+        c_j = tf.unstack(tf.reshape(ct, [k, e, size, f_out]), num=k)
         if propagate:
-            # The propagator P_j and the chunk's own columns move together: one product of
-            # the stacked (S + k F_in, S) operand per step, unrolled (k is fixed per trace).
-            inj_pad = tf.pad(inj_k, [[0, 0], [0, 0], [size, 0], [0, 0]])   # P's rows: zero
-            pf = tf.concat([at_k[0], inj_k[0]], axis=1)
-            pfs = [pf]
-            for j in range(1, k):
-                pf = tf.matmul(pf, at_k[j]) + inj_pad[j]
-                pfs.append(pf)
-            stacked = tf.stack(pfs, axis=1)                              # (E, k, S + kF, S)
-            ps, fs_stacked = stacked[:, :, :size], stacked[:, :, size:]
-            w = tf.matmul(ps, ct)                                        # (E, k, S, F_out)
-            w = tf.reshape(tf.transpose(w, [0, 2, 1, 3]), [e, size, k * f_out])
-            j_old, z_old = tf.matmul(z, w), tf.matmul(z, pf[:, :size])
+            p_last, w, own, f_last, finite = propagated(a_j, b_j, c_j, size)
+            j_old, z_old = tf.matmul(z, w), tf.matmul(z, p_last)
         else:
-            ct_k = tf.transpose(ct, [1, 0, 2, 3])
-
-            def step_z(j: tf.Tensor, zj: tf.Tensor, f: tf.Tensor, jo: Any, fs: Any) -> tuple:
-                zj = tf.matmul(zj, at_k[j])
-                f = tf.matmul(f, at_k[j]) + inj_k[j]
-                return j + 1, zj, f, jo.write(j, tf.matmul(zj, ct_k[j])), fs.write(j, f)
-
-            z0 = tf.matmul(z, at_k[0])
-            ta = [tf.TensorArray(dt, size=k, element_shape=[None, None, f_out]),
-                  tf.TensorArray(dt, size=k, element_shape=[None, k * f_in, size])]
-            z_old, _, jo, fs = loop(step_z, (z0, inj_k[0], ta[0].write(0, tf.matmul(z0, ct_k[0])),
-                                           ta[1].write(0, inj_k[0])))
-            j_old = tf.reshape(tf.transpose(jo.stack(), [1, 2, 0, 3]), [e, n_old, k * f_out])
-            fs_stacked = tf.transpose(fs.stack(), [1, 0, 2, 3])          # (E, k, k F_in, S)
-        fs = fs_stacked
-        j_new = tf.matmul(fs, ct)                                        # (E, k, k F_in, F_out)
+            z_old, j_old, own, f_last, finite = stepwise(z, a_j, b_j, c_j)
         nonzero = tf.reduce_any(tf.not_equal(z_old, 0), axis=[0, 2])
-        lead = tf.cond(tf.reduce_any(nonzero),
-                       lambda: tf.cast(tf.argmax(tf.cast(nonzero, tf.int32)), tf.int32),
-                       lambda: n_old)
-        finite = tf.reduce_all(tf.math.is_finite(at))
-        return tf.concat([z_old, fs[:, -1]], axis=1), j_old, j_new, lead, finite
+        # leading columns exactly zero for every example: no non-zero among them so far
+        lead = tf.reduce_sum(tf.cast(tf.equal(tf.cumsum(tf.cast(nonzero, tf.int32)), 0),
+                                     tf.int32))
+        return tf.concat([z_old, f_last], axis=1), j_old, own, lead, finite
 
     # -- calling ----------------------------------------------------------
     def __call__(self, x: np.ndarray, idx: np.ndarray, in_len: int | None = None,
@@ -398,7 +358,7 @@ class _Sweep:
     def __init__(self, fn: Sensitivity, x: np.ndarray) -> None:
         t0 = time.perf_counter()
         self.fn, self.x = fn, np.ascontiguousarray(x, dtype=np.float32)
-        with tf.device(fn.device):
+        with tf.device(fn.device), grappler_off():
             us, ss, init, y = fn._forward_fn(tf.constant(self.x))
         self.us = [u.numpy() for u in us]
         self.ss = [s.numpy() for s in ss]
@@ -436,7 +396,7 @@ class _Sweep:
             return w
 
         prev = [window(s, t0 - 1, i) for s, i in zip(self.ss, self.init, strict=True)]
-        with tf.device(fn.device):
+        with tf.device(fn.device), grappler_off():
             z, j_old, j_new, lead, finite = fn._chunk(k, self.propagate)(
                 self.z, window(self.x, t0), [window(u, t0) for u in self.us], prev,
                 [window(s, t0) for s in self.ss])
@@ -447,7 +407,9 @@ class _Sweep:
         j_old = j_old.numpy().reshape(e, n_old, k, f_out)
         j_new = j_new.numpy()
         for j in range(real):
-            row = np.concatenate([j_old[:, :, j, :], j_new[:, j, :(j + 1) * f_in]], axis=1)
+            off = f_in * j * (j + 1) // 2          # step j's own columns in the flat rows
+            row = np.concatenate([j_old[:, :, j, :], j_new[:, off:off + (j + 1) * f_in]],
+                                 axis=1)
             self.pending[t0 + j] = (self.lo, row)
         n_steps = n_old // f_in
         drop = int(lead) // f_in if bool(finite) else 0

@@ -16,7 +16,7 @@ from .planning import DTYPES, STRATEGIES, CostModel, Plan, make_plan, parse_memo
 
 __all__ = ["jacobian", "plan"]
 
-CAUSAL_CHOICES = ("auto", True, False)
+CAUSAL_CHOICES = ("auto", True, False, "trust")
 STRATEGY_CHOICES = ("auto", *STRATEGIES)
 NONFINITE_CHOICES = ("raise", "warn", "ignore")
 
@@ -62,8 +62,11 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     Parameters
     ----------
     model : keras.Model or callable
-        Maps a float tensor ``(batch, T_in, F_in)`` to ``(batch, T_out, F_out)``;
-        example i of the output must depend only on example i of the input.
+        Maps a float tensor ``(batch, T_in, F_in)`` to ``(batch, T_out, F_out)``
+        with any ``T_out`` (a horizon, a strided model's shorter output), or to
+        ``(batch, F_out)``, taken as one output step (``T_out = 1``: the result
+        then has shape ``(batch, 1, F_out, T_in, F_in)``); example i of the
+        output must depend only on example i of the input.
     inputs : array-like, path or tf.data.Dataset
         Shape ``(batch, T_in, F_in)``: a NumPy array, ``tf.Tensor``, zarr array,
         the path of a ``.npy`` file or zarr array (read lazily), or a
@@ -97,11 +100,19 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         Default: 2 GiB or a quarter of available memory, whichever is less.
     examples_per_block : int, optional
         Examples per block (default: all, or fewer if the budget needs it).
-    causal : {"auto", True, False}
+    causal : {"auto", True, False, "trust"}
         ``True`` promises that output step t depends only on input steps
         ``<= t``: each block then reads only the inputs it needs and the zero
-        upper triangle is never computed or stored. ``"auto"`` uses it only
-        when the model's layers and a numerical check both show causality.
+        upper triangle is never computed or stored. The promise is checked as
+        ``"auto"`` checks it (the Jacobian of one example at a few output steps
+        of a short prefix must be zero above the diagonal) and a broken one
+        raises ModelError naming the output step and the later input step it
+        depends on. ``"trust"``: as ``True``, without the check (a false
+        promise then gives a wrong Jacobian, silently). ``"auto"`` uses
+        causality only when the model's layers and the numerical check both
+        show it. Keras' own chains of per-step and forward RNN layers are
+        causal by construction and are not checked numerically. Needs as many
+        output steps as input steps (``False`` otherwise).
     strategy : {"auto", "sensitivity", "pfor", "tile", "forward"}
         How a block is differentiated: for models that are a chain of per-step
         layers around forward RNN layers, one forward sweep of the linearised
@@ -168,9 +179,10 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         ``memory_budget`` is unparseable, not positive, or too small for one step.
     jacstream.errors.ModelError
         The model fails on the inputs, returns other than float ``(batch, steps,
-        features)``, mixes examples across the batch, is random, or is not
-        differentiable (integer cast, stop_gradient, argmax...) where its outputs
-        depend on its inputs.
+        features)`` or ``(batch, features)``, mixes examples across the batch, is
+        random, or is not differentiable (integer cast, stop_gradient, argmax...)
+        where its outputs depend on its inputs; ``causal=True`` for a model whose
+        outputs depend on later inputs.
     jacstream.errors.NonFiniteError
         A block holds NaN/Inf (with ``on_nonfinite="raise"``).
     jacstream.errors.StoreError

@@ -100,10 +100,10 @@ def _nonnegative_int(text: str) -> int:
 
 def _causal(text: str) -> str | bool:
     choices: dict[str, str | bool] = {"auto": "auto", "true": True, "yes": True,
-                                      "false": False, "no": False}
+                                      "false": False, "no": False, "trust": "trust"}
     value = choices.get(text.strip().lower())
     if value is None:
-        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected auto, true, false or trust, got {text!r}")
     return value
 
 
@@ -166,9 +166,10 @@ def _add_compute(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--examples-per-block", type=_positive_int, metavar="N",
                    help="examples per block: slices a large batch axis (default: all that fit "
                         "the budget)")
-    p.add_argument("--causal", type=_causal, default="auto", metavar="{auto,true,false}",
+    p.add_argument("--causal", type=_causal, default="auto", metavar="{auto,true,false,trust}",
                    help="skip the zero upper triangle of a causal model: 'auto' (default) "
-                        "checks the model, 'true' promises it")
+                        "checks the model, 'true' promises it (checked numerically), "
+                        "'trust' promises it without the check")
     p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto",
                    help="how blocks are differentiated (default: auto)")
     p.add_argument("--device", metavar="DEVICE",

@@ -35,14 +35,19 @@ def assert_jacobian_close(actual, expected, what: str = "") -> None:
 
 
 def reference_jacobian(model, x: np.ndarray) -> np.ndarray:
-    """The full per-example Jacobian by tf.GradientTape.batch_jacobian (eager)."""
+    """The full per-example Jacobian by tf.GradientTape.batch_jacobian (eager).
+
+    Outputs ``(batch, F_out)`` are one output step, as jacstream lays them out:
+    ``(batch, 1, F_out, T, F_in)``.
+    """
     import tensorflow as tf
 
     xt = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(xt)
         y = model(xt)
-    return tape.batch_jacobian(y, xt).numpy()
+    jac = tape.batch_jacobian(y, xt).numpy()
+    return jac[:, None] if y.shape.rank == 2 else jac
 
 
 # --------------------------------------------------------------------------- model table
@@ -111,11 +116,24 @@ def build_model(name: str):
                 return h + h[:, -1:, :]
 
         return keras.Model(inp, L.Dense(1)(AddLast()(h))), 1, 1, False
+    # Output lengths other than the input's (T_out != T_in; causal="auto" must not truncate)
+    if name == "seq_to_one":    # a forecaster returning (batch, F_out): one output step
+        m = keras.Sequential([keras.Input((None, 2)), L.LSTM(4), L.Dense(3)])
+        return m, 2, 3, False
+    if name == "horizon":       # a window mapped to a horizon of 4 steps x 2 features
+        m = keras.Sequential([keras.Input((None, 2)), L.LSTM(4), L.Dense(8),
+                              L.Reshape((4, 2))])
+        return m, 2, 2, False
+    if name == "strided":       # T_out = (T - 3) // 2 + 1
+        m = keras.Sequential([keras.Input((None, 2)), L.Conv1D(3, 3, strides=2),
+                              L.GRU(4, return_sequences=True)])
+        return m, 2, 4, False
     raise KeyError(name)
 
 
 CAUSAL_MODELS = ["lstm_td", "lstm_dense", "stacked", "gru", "conv_causal", "tf_function"]
 NONCAUSAL_MODELS = ["bilstm", "conv_same", "last_step"]
+OTHER_LENGTH_MODELS = ["seq_to_one", "horizon", "strided"]   # T_out != T_in
 
 _cache: dict[str, tuple] = {}
 

@@ -6,7 +6,13 @@ import os
 
 import numpy as np
 import pytest
-from conftest import CAUSAL_MODELS, NONCAUSAL_MODELS, assert_jacobian_close, build_model
+from conftest import (
+    CAUSAL_MODELS,
+    NONCAUSAL_MODELS,
+    assert_jacobian_close,
+    build_model,
+    reference_jacobian,
+)
 
 import jacstream
 
@@ -96,3 +102,58 @@ def test_causal_true_on_mismatched_lengths_is_refused(tmp_path):
         jacstream.jacobian(pool, x, tmp_path / "j.zarr", causal=True, progress=False)
     J = jacstream.jacobian(pool, x, tmp_path / "k.zarr", progress=False)
     assert J.shape == (2, 4, 1, 8, 1) and J.attrs["causal"] is False
+
+
+# --------------------------------------------------------------------------- causal=True checked
+def _attention(mask: bool):
+    """Self-attention over the steps; without the causal mask every step sees every other."""
+    import keras
+
+    keras.utils.set_random_seed(8)
+    L = keras.layers
+    inp = keras.Input((None, 2))
+    h = L.Dense(4)(inp)
+    a = L.MultiHeadAttention(num_heads=1, key_dim=4)(h, h, use_causal_mask=mask)
+    return keras.Model(inp, L.Dense(1)(a))
+
+
+def test_a_broken_causal_promise_is_refused_with_the_evidence(tmp_path):
+    model = _attention(mask=False)
+    x = np.random.default_rng(8).normal(size=(2, 20, 2)).astype("float32")
+    with pytest.raises(jacstream.errors.ModelError) as info:
+        jacstream.jacobian(model, x, tmp_path / "j.zarr", causal=True, progress=False)
+    msg = str(info.value)
+    assert "causal=True promises" in msg and "output step 0 depends on the later input step" in msg
+    assert "d y[0, 0, :] / d x[0, " in msg and "reaches" in msg
+    assert "causal='auto'" in msg and "use_causal_mask=True" in msg and "causal='trust'" in msg
+    assert not (tmp_path / "j.zarr").exists()
+
+
+def test_trust_skips_the_check(tmp_path):
+    """causal="trust" is taken at its word: on this model the entries above the diagonal,
+    which are not zero, are left out, and each block sees only a prefix of the inputs, so
+    the rest is wrong too (why causal=True checks)."""
+    model = _attention(mask=False)
+    x = np.random.default_rng(8).normal(size=(2, 12, 2)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", causal="trust", block_size=1,
+                           progress=False)
+    assert J.attrs["causal"] is True and "not checked" in J.attrs["causal_reason"]
+    ref = reference_jacobian(model, x)
+    lower = np.tril(np.ones((12, 12), bool))
+    got, want = J[...].transpose(0, 2, 4, 1, 3), ref.transpose(0, 2, 4, 1, 3)
+    assert np.all(got[..., ~lower] == 0) and np.any(want[..., ~lower] != 0)
+    assert not np.allclose(got[..., lower], want[..., lower], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["masked_attention", "tf_function", "lstm_dense"])
+def test_a_kept_causal_promise_is_exact_and_says_how_it_was_checked(name, tmp_path):
+    model = _attention(mask=True) if name == "masked_attention" else build_model(name)[0]
+    f_in = 1 if name == "lstm_dense" else 2
+    x = np.random.default_rng(9).normal(size=(2, 20, f_in)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", causal=True, block_size=5,
+                           progress=False)
+    assert J.attrs["causal"] is True and J.plan.causal
+    reason = J.attrs["causal_reason"]
+    # Keras' own recurrent chains are causal by construction: no numerical check
+    assert ("by construction" if name == "lstm_dense" else "checked numerically") in reason
+    assert_jacobian_close(J[...], reference_jacobian(model, x), name)

@@ -116,6 +116,15 @@ def test_parse_out_steps(text, want):
     assert parse_out_steps(text) == want
 
 
+@pytest.mark.parametrize(("text", "want"), [("auto", "auto"), ("true", True), ("no", False),
+                                            ("trust", "trust")])
+def test_causal_choices(text, want):
+    from jacstream.cli import build_parser
+
+    args = build_parser().parse_args(["compute", "m.keras", "x.npy", "j.zarr", "--causal", text])
+    assert args.causal is want or args.causal == want
+
+
 # --------------------------------------------------------------------------- compute
 def test_compute_matches_batch_jacobian(store, files):
     J = jacstream.open(store)

@@ -8,7 +8,14 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import CAUSAL_MODELS, NONCAUSAL_MODELS, assert_jacobian_close, reference_jacobian
+from conftest import (
+    CAUSAL_MODELS,
+    NONCAUSAL_MODELS,
+    OTHER_LENGTH_MODELS,
+    assert_jacobian_close,
+    build_model,
+    reference_jacobian,
+)
 
 import jacstream
 
@@ -158,3 +165,77 @@ def test_model_that_needs_more_steps_than_the_short_checks_is_checked_longer(tmp
     assert J.shape == (3, 81, 1, 100, 2)
     assert J.attrs["causal"] is False
     assert_jacobian_close(J[:], reference_jacobian(model, x), "valid Conv1D, kernel 20")
+
+
+# --------------------------------------------------------------------------- T_out != T_in
+@pytest.mark.parametrize(("strategy", "block_size"), [
+    ("auto", None), ("auto", 2), ("pfor", 1), ("pfor", 3), ("tile", None), ("tile", 2),
+    ("forward", 1), ("forward", None)], ids=lambda v: str(v))
+@pytest.mark.parametrize("model_case", OTHER_LENGTH_MODELS, indirect=True)
+def test_other_output_lengths_match_batch_jacobian(model_case, strategy, block_size, tmp_path):
+    """Forecasters (one output step, a horizon) and a strided model, at T_in=23: the eager
+    checks ran on a 16-step prefix, whose output length is not the full length's."""
+    model, x, ref, _ = model_case
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy=strategy,
+                           block_size=block_size, progress=False)
+    assert J.shape == ref.shape and J.complete and J.attrs["causal"] is False
+    assert_jacobian_close(J[...], ref, f"{strategy}, block_size={block_size}")
+    if strategy == "auto":   # the sweep cannot decompose these: left out, and why
+        notes = J.attrs["strategy_choice"]["notes"]
+        assert any(n.startswith("sensitivity unavailable") for n in notes), notes
+
+
+@pytest.mark.parametrize("strategy", ["auto", "pfor", "tile"])
+def test_one_step_forecaster_at_the_checks_full_length(strategy, tmp_path):
+    """(batch, 1, 3) outputs, T_in=12 (the eager checks see the full length): the memory
+    probes must not ask for output steps the model does not have."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    L = keras.layers
+    model = keras.Sequential([keras.Input((None, 2)), L.LSTM(4), L.Dense(3), L.Reshape((1, 3))])
+    x = np.random.default_rng(5).normal(size=(2, 12, 2)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy=strategy, progress=False)
+    assert J.shape == (2, 1, 3, 12, 2) and J.attrs["model_output"] == "(batch, steps, features)"
+    assert_jacobian_close(J[...], reference_jacobian(model, x), strategy)
+
+
+def test_outputs_without_a_time_axis_are_one_output_step(tmp_path):
+    model, f_in, f_out, _ = build_model("seq_to_one")
+    x = np.random.default_rng(6).normal(size=(2, 14, f_in)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", progress=False)
+    assert J.shape == (2, 1, f_out, 14, f_in)
+    assert J.attrs["output_shape"] == [2, 1, f_out]
+    assert "one output step" in J.attrs["model_output"]
+    np.testing.assert_array_equal(J.out_steps, [0])
+    assert_jacobian_close(J[:, 0], reference_jacobian(model, x)[:, 0], "(batch, F) outputs")
+
+
+@pytest.mark.parametrize("form", [-1, 2, slice(1, None, 2), [0, 3]], ids=repr)
+@pytest.mark.parametrize("model_case", ["horizon", "strided"], indirect=True)
+def test_out_steps_count_the_models_output_steps(model_case, form, tmp_path):
+    model, x, ref, _ = model_case
+    steps = np.arange(ref.shape[1])[form]
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", out_steps=form, block_size=2,
+                           strategy="tile", progress=False)
+    np.testing.assert_array_equal(J.out_steps, np.atleast_1d(steps))
+    assert_jacobian_close(J[...], ref[:, np.atleast_1d(steps)], f"out_steps={form!r}")
+
+
+@pytest.mark.parametrize("model_case", ["horizon", "strided"], indirect=True)
+def test_other_output_lengths_refuse_what_they_cannot_do(model_case, tmp_path):
+    """Out-of-range steps name the model's output steps; the sweep and causal=True refuse
+    models whose output length is not the input length. Nothing is written."""
+    from jacstream.errors import InputError, ModelError
+
+    model, x, ref, _ = model_case
+    with pytest.raises(InputError, match=rf"with {ref.shape[1]} steps \(valid: 0\.\."
+                                         rf"{ref.shape[1] - 1},"):
+        jacstream.jacobian(model, x, tmp_path / "a.zarr", out_steps=ref.shape[1],
+                           progress=False)
+    with pytest.raises(ModelError, match="strategy='sensitivity' does not apply"):
+        jacstream.jacobian(model, x, tmp_path / "b.zarr", strategy="sensitivity",
+                           progress=False)
+    with pytest.raises(InputError, match="causal=True needs as many output steps"):
+        jacstream.jacobian(model, x, tmp_path / "c.zarr", causal=True, progress=False)
+    assert not any(tmp_path.iterdir())

@@ -28,15 +28,14 @@ from jacstream import errors as E
 B, T, F = 3, 10, 2
 
 
-def _keras_model(f_in: int = F, rnn: bool = False):
-    """A small causal Conv1D model (fast to trace), or an LSTM returning its last step only."""
+def _keras_model(f_in: int = F):
+    """A small causal Conv1D model (fast to trace)."""
     import keras
 
     keras.utils.set_random_seed(3)
     L = keras.layers
-    body = [L.LSTM(4)] if rnn else [L.Conv1D(4, 3, padding="causal", activation="tanh"),
-                                    L.Dense(1)]
-    return keras.Sequential([keras.Input((None, f_in)), *body])
+    return keras.Sequential([keras.Input((None, f_in)),
+                             L.Conv1D(4, 3, padding="causal", activation="tanh"), L.Dense(1)])
 
 
 def _batchnorm_training():
@@ -144,10 +143,12 @@ CASES = [
     Case("inputs_empty_steps", lambda c: c.run(inputs=c.x[:, :0], overwrite=True), IN,
          ValueError, ("empty axis", "(3, 0, 2)")),
     # -- model output shapes
-    Case("model_2d_output", lambda c: c.run(model=lambda x: tf.reduce_sum(x, axis=2)), MO,
-         ValueError, ("(batch, steps, features)", "returned shape (2, 10)", "return_sequences")),
-    Case("model_no_sequences", lambda c: c.run(model=_keras_model(rnn=True)), MO, ValueError,
-         ("returned shape (2, 4)", "return_sequences=true")),
+    # (batch, features) outputs are one output step (tests/test_core.py), not an error
+    Case("model_4d_output", lambda c: c.run(model=lambda x: x[..., None]), MO, ValueError,
+         ("(batch, steps, features)", "or (batch, features) for one output step",
+          "returned shape (2, 10, 2, 1)", "keras.layers.reshape")),
+    Case("model_1d_output", lambda c: c.run(model=lambda x: tf.reduce_sum(x, axis=[1, 2])),
+         MO, ValueError, ("returned shape (2,)", "batch axis first")),
     Case("model_batch_differs", lambda c: c.run(model=lambda x: tf.concat([x, x], 0)), MO,
          ValueError, ("same batch size", "(2, 10, 2)", "(4, 10, 2)")),
     Case("model_int_outputs", lambda c: c.run(model=lambda x: tf.cast(x * 10, tf.int32)), MO,
@@ -272,7 +273,12 @@ CASES = [
          ("strategy", "'pfor'", "'tile'", "'fast'")),
     Case("on_nonfinite_unknown", lambda c: c.run(on_nonfinite="skip"), IN, ValueError,
          ("on_nonfinite", "'warn'")),
-    Case("causal_unknown", lambda c: c.run(causal="yes"), IN, ValueError, ("causal", "'auto'")),
+    Case("causal_unknown", lambda c: c.run(causal="yes"), IN, ValueError,
+         ("causal", "'auto'", "'trust'")),
+    Case("causal_promise_broken", lambda c: c.run(model=lambda x: x + x[:, -1:], causal=True,
+                                                  store=c.new), MO, ValueError,
+         ("causal=true promises", "output step 0 depends on the later input step 9",
+          "d y[0, 0, :] / d x[0, 9, :] reaches", "causal='auto'", "causal='trust'")),
     Case("dtype_unknown", lambda c: c.run(dtype="int8"), IN, ValueError, ("dtype", "'float32'")),
     Case("model_not_callable", lambda c: c.run(model="model.keras"), IN, ValueError,
          ("model must be", "str")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from ..errors import ModelError, first_line
 from ..planning import normalize_out_steps
 from ..planning.units import is_float
 from ._tf import tf
-from .models import PreparedModel, call_model, forward, prepare_model
+from .models import PreparedModel, call_model, forward, prepare_model, step_outputs
 
 __all__ = ["SHORT_STEPS", "ModelInfo", "check_batch_independence", "check_differentiable",
            "inspect_model"]
@@ -44,6 +45,11 @@ class ModelInfo:
     # Why the model is a chain of Keras' own layers (None if it is not): such a model is
     # per example, deterministic, differentiable and causal by its layers' definitions.
     builtin_chain: str | None = None
+    # Output steps at the full input length, where the eager pass showed it (None: the
+    # traced function tells).
+    t_out: int | None = None
+    # The model returns (batch, features): one output step, a time axis of length 1 added.
+    one_step: bool = False
 
     @property
     def call(self) -> Any:
@@ -54,34 +60,66 @@ def inspect_model(model: Any, x: Any, dev: str, out_steps: Any) -> ModelInfo:
     """Call the model eagerly on a prefix of two examples and run the structural checks.
 
     Raises ModelError for outputs of the wrong rank, batch or dtype, for a model
-    that mixes examples or is random, or that is not differentiable.
+    that mixes examples or is random, or that is not differentiable. Outputs
+    ``(batch, features)`` are taken as one output step (``ModelInfo.one_step``).
     """
     with events.phase("checks"):
         batch, t_in, f_in = (int(s) for s in x.shape)
         sample = np.ascontiguousarray(np.asarray(x[: min(2, batch)]))
-        prepared, short, y_short = _prepare(model, sample, dev)
-        if y_short.ndim != 3 or y_short.shape[0] != short.shape[0]:
-            raise ModelError(
-                f"the model must map inputs (batch, steps, features) to outputs (batch, steps, "
-                f"features) with the same batch size; for inputs of shape {short.shape} it "
-                f"returned shape {y_short.shape}. Return sequences (e.g. "
-                "LSTM(return_sequences=True)), keep the batch axis first and one output per "
-                "input example.")
-        if not is_float(y_short.dtype):
-            raise ModelError(
-                f"the model returned outputs of dtype {y_short.dtype}; only floating-point "
-                "outputs can be differentiated. Return the float values before any cast, "
-                "argmax or round.")
-        if short.shape[1] == t_in:  # the eager output has the full length: fail before tracing
-            normalize_out_steps(out_steps, int(y_short.shape[1]))
+        prepared, short, y_raw = _prepare(model, sample, dev)
+        y_short = _as_steps(y_raw, short.shape)
         from .recurrence import builtin_chain
 
         trusted, why = builtin_chain(model)
+        one_step = y_raw.ndim == 2
+        call = partial(step_outputs, prepared.call) if one_step else prepared.call
+        t_out = 1 if one_step else _output_length(call, sample, short, y_short, trusted, dev)
+        if t_out is not None:   # known from the eager pass: fail before tracing
+            normalize_out_steps(out_steps, t_out)
         if not trusted:   # Keras' own per-step and RNN layers hold these by definition
-            check_batch_independence(prepared.call, short, dev, y_short)
-            check_differentiable(prepared.call, short, dev)
+            check_batch_independence(call, short, dev, y_short)
+            check_differentiable(call, short, dev)
     return ModelInfo(prepared, sample, short, y_short, batch, t_in, f_in, int(y_short.shape[2]),
-                     why if trusted else None)
+                     why if trusted else None, t_out, one_step)
+
+
+def _as_steps(y: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
+    """The eager outputs as ``(batch, steps, features)``; ModelError for any other shape."""
+    if y.ndim not in (2, 3) or y.shape[0] != x_shape[0]:
+        raise ModelError(
+            f"the model must map inputs (batch, steps, features) to outputs (batch, steps, "
+            f"features), or (batch, features) for one output step, with the same batch "
+            f"size; for inputs of shape {x_shape} it returned shape {y.shape}. Keep the "
+            "batch axis first with one output per input example, and reshape other outputs "
+            "to (batch, steps, features) (e.g. keras.layers.Reshape((steps, features))).")
+    if not is_float(y.dtype):
+        raise ModelError(
+            f"the model returned outputs of dtype {y.dtype}; only floating-point "
+            "outputs can be differentiated. Return the float values before any cast, "
+            "argmax or round.")
+    return y[:, None, :] if y.ndim == 2 else y
+
+
+def _output_length(call: Callable[[Any], Any], sample: np.ndarray, short: np.ndarray,
+                   y_short: np.ndarray, trusted: bool, dev: str) -> int | None:
+    """Output steps at the full input length, where the eager pass tells (None: trace).
+
+    A prefix with as many output steps as input steps is a model whose output
+    length follows its input length, unless its output length is fixed and
+    happens to be the prefix's (a horizon of 16): one step more tells them apart.
+    """
+    n, t_in = short.shape[1], sample.shape[1]
+    if n == t_in:
+        return int(y_short.shape[1])
+    if y_short.shape[1] != n:
+        return None   # a fixed horizon or a strided model: the traced function tells
+    if trusted:       # per-step and recurrent layers returning sequences keep the length
+        return t_in
+    try:
+        longer = forward(call, sample[:1, : n + 1], dev)
+    except Exception:
+        return None
+    return t_in if longer.ndim == 3 and longer.shape[1] == n + 1 else None
 
 
 def _prepare(model: Any, sample: np.ndarray, dev: str) -> tuple[PreparedModel, np.ndarray,

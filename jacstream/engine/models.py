@@ -11,7 +11,7 @@ import numpy as np
 from ._tf import keras, tf
 
 __all__ = ["RNN_LAYERS", "Pointwise", "PreparedModel", "call_model", "forward", "model_kind",
-           "prepare_model", "without_cudnn"]
+           "prepare_model", "step_outputs", "without_cudnn"]
 
 # Recurrent layers: a model with one is "recurrent" for the strategy prediction.
 RNN_LAYERS = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN, keras.layers.RNN)
@@ -161,3 +161,14 @@ def model_kind(model: Any, call: Callable[[Any], Any], f_in: int,
     n += sum(int(t.shape.num_elements() or 0) for t in conc.captured_inputs
              if t.dtype != tf.resource)
     return ("recurrent" if ops & {"While", "StatelessWhile"} else "feedforward"), n
+
+
+def step_outputs(call: Callable[[Any], Any], x: Any) -> tf.Tensor:
+    """The model's outputs as ``(batch, steps, features)``.
+
+    A model that returns ``(batch, features)`` (a seq-to-one forecaster, e.g.
+    ``LSTM(return_sequences=False) -> Dense``) has one output step: its outputs
+    get a time axis of length 1, so every strategy and check sees three axes.
+    """
+    y = tf.convert_to_tensor(call_model(call, x))
+    return y[:, None, :] if y.shape.rank == 2 else y

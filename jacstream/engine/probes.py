@@ -27,26 +27,31 @@ def probe_cost(fn: BlockFunction, x: np.ndarray, max_len: int = 512) -> CostMode
         return CostModel()
     if hasattr(fn, "cost_model"):    # a cost that follows from the shapes: nothing to probe
         return fn.cost_model()
+    # Where the output length does not follow the input length (a forecaster's horizon,
+    # a strided model), only the full length has a known number of output steps.
+    follows = fn.t_out in (0, x.shape[1])   # 0: not known (taken as following)
     with events.phase("probes"):
         try:
-            return _probe(fn, x, min(x.shape[1], max_len), 64)
+            return _probe(fn, x, min(x.shape[1], max_len) if follows else x.shape[1], 64)
         except ModelError:
             raise
         except Exception:
             return _probe(fn, x, x.shape[1], 2)
 
 
-def _probe_block(fn: BlockFunction, xs: np.ndarray, k: int) -> None:
+def _probe_block(fn: BlockFunction, xs: np.ndarray, k: int, t_out: int) -> None:
     length = xs.shape[1]
     if fn.axis == "in":
-        fn(xs, np.arange(length, dtype=np.int32), length, (0, min(k, length)))
+        fn(xs, np.arange(t_out, dtype=np.int32), length, (0, min(k, length)))
     else:
-        fn(xs, np.arange(min(k, length), dtype=np.int32))
+        # k rows of the t_out output steps there are (repeated where k > t_out)
+        fn(xs, np.arange(k, dtype=np.int32) % t_out)
 
 
 def _probe(fn: BlockFunction, x: np.ndarray, length: int, k_max: int) -> CostModel:
     xs = np.ascontiguousarray(x[:, :length])
-    k2 = max(2, min(k_max, length))
+    t_out = length if length < x.shape[1] else (fn.t_out or length)  # a prefix: they follow
+    k2 = max(2, min(k_max, length if fn.axis == "in" else t_out))
     # No warm-up call: validation already ran the function at full length.
     # Each probe starts from a trimmed heap, and the larger one is measured twice
     # (the larger of the two counts): the difference between them, tens of MB, is
@@ -55,7 +60,7 @@ def _probe(fn: BlockFunction, x: np.ndarray, length: int, k_max: int) -> CostMod
     for k in (1, k2, k2):
         release_free_memory()
         with peak_tracker(fn.spec.device) as t:
-            _probe_block(fn, xs, k)
+            _probe_block(fn, xs, k, t_out)
         peaks.append(t.increase)
     peaks = [peaks[0], max(peaks[1:])]
     b = x.shape[0]

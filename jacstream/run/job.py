@@ -106,10 +106,19 @@ def _run(model: Any, inputs: Any, req: Request, reduce_to: Any, blocks_to: Sink 
         return _reduce(j, reduce_to)
     assert req.path is not None
     js = JobStore.create(req.path, j.plan, {**j.job, "causal_reason": j.reason,
+                                            "model_output": _model_output(j.m),
                                             "model_rewrites": j.m.prepared.rewritten,
                                             "device": j.dev, "strategy_choice": j.choice},
                          overwrite=req.overwrite)
     return _execute(j, model, js, blocks_to)
+
+
+def _model_output(m: Any) -> str:
+    """What the model returns, and how the Jacobian's axes follow from it (store metadata)."""
+    if m.one_step:
+        return ("(batch, features): one output step, stored as out_step 0 (the Jacobian's "
+                "axis 1 has length 1)")
+    return "(batch, steps, features)"
 
 
 def _existing_store(req: Request) -> JobStore | None:
@@ -139,24 +148,14 @@ def _reverse_mode_strategy(fixed: str | None) -> str:
 def _identify(model: Any, x: Any, req: Request, fixed: str | None, t_call: float,
               rss0: int) -> _Job:
     """The engine's checks of the model, its output length, causality and the job identity."""
-    from ..engine import causal, checks, devices, io
+    from ..engine import checks, devices, io
 
     dev = devices.resolve_device(req.device)
     m = checks.inspect_model(model, x, dev, req.out_steps)
     cands = Candidates(m, dev, rss0)
     t_out = _t_out_before_tracing(m, cands, fixed)
     steps = normalize_out_steps(req.out_steps, t_out)
-    if req.causal == "auto" and m.builtin_chain is not None and m.t_in == t_out:
-        from .. import events
-
-        with events.phase("detect_causal"):   # decided from the layers alone
-            is_causal, reason = True, (f"every layer looks back only: {m.builtin_chain}, "
-                                       "causal by construction (no numerical check needed)")
-    elif req.causal == "auto":
-        is_causal, reason = (causal.detect_causal(model, m.call, m.short, dev)
-                             if m.t_in == t_out else (False, "output and input lengths differ"))
-    else:
-        is_causal, reason = bool(req.causal), f"set by the caller (causal={bool(req.causal)})"
+    is_causal, reason = _causality(model, m, req.causal, t_out, dev)
     from .identity import job_identity
 
     job = job_identity(io.fingerprint_model(model), x, (m.batch, m.t_in, m.f_in),
@@ -165,16 +164,36 @@ def _identify(model: Any, x: Any, req: Request, fixed: str | None, t_call: float
     return _Job(req, x, dev, m, cands, t_out, job, reason, t_call, rss0)
 
 
+def _causality(model: Any, m: Any, asked: bool | str, t_out: int, dev: str) -> tuple[bool, str]:
+    """Whether the job is causal, and why: decided (``"auto"``), checked (``True``) or
+    taken on trust (``"trust"``). A promise the numbers break raises ModelError."""
+    from .. import events
+    from ..engine import causal
+
+    if asked is False:
+        return False, "set by the caller (causal=False)"
+    if asked == "trust":
+        return True, "set by the caller (causal='trust'): taken on trust, not checked"
+    same = m.t_in == t_out
+    if m.builtin_chain is not None and same:
+        with events.phase("detect_causal"):   # decided from the layers alone
+            return True, (f"every layer looks back only: {m.builtin_chain}, causal by "
+                          "construction (no numerical check needed)")
+    if asked is True:
+        # Lengths that differ are refused by the plan, which names them.
+        return True, (causal.check_causal_promise(m.call, m.short, dev) if same else
+                      "set by the caller (causal=True)")
+    if not same:
+        return False, "output and input lengths differ"
+    return causal.detect_causal(model, m.call, m.short, dev)
+
+
 def _t_out_before_tracing(m: Any, cands: Candidates, fixed: str | None) -> int:
     """The output length at the full input length, tracing only what must be."""
     if fixed is not None:
         return int(cands.build(fixed).t_out)
-    if m.short.shape[1] == m.t_in:   # the eager pass had the full length
-        return int(m.y_short.shape[1])
-    if m.y_short.shape[1] == m.short.shape[1]:
-        # strategy="auto" traces nothing before choosing: a prefix gave as many
-        # outputs as inputs (checked once the chosen function is traced).
-        return m.t_in
+    if m.t_out is not None:   # the eager checks showed it (strategy="auto" traces nothing
+        return int(m.t_out)   # before choosing; checked once the chosen function is traced)
     return int(cands.build("tile").t_out)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from ...errors import InputError, ModelError
 from ...planning import Block, Plan
 from .._tf import tf
-from ..models import call_model
+from ..models import step_outputs
 
 __all__ = ["NO_GRADIENT", "BlockFunction", "Computed", "FunctionSpec"]
 
@@ -170,8 +170,11 @@ class BlockFunction:
         return self(x, idx, block.in_len, block.in_steps)
 
     def model_outputs(self, x: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """The outputs ``y[:, idx]`` and ``tf.shape(y)``, to be called inside a tape."""
-        y = tf.convert_to_tensor(call_model(self.call, x))
+        """The outputs ``y[:, idx]`` and ``tf.shape(y)``, to be called inside a tape.
+
+        ``y`` has three axes: an output ``(batch, features)`` is one output step.
+        """
+        y = step_outputs(self.call, x)
         # Taken inside the tape: a slice taken outside gives None gradients.
         return tf.gather(y, idx, axis=1), tf.shape(y)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ...errors import ModelError
 from .._tf import tf
-from ..models import call_model
+from ..models import step_outputs
 from .base import BlockFunction
 
 __all__ = ["Forward"]
@@ -87,14 +87,15 @@ class Forward(BlockFunction):
         otherwise give zeros or wrong values without an error.
         """
         length = x.shape[1]
-        cols, _, _ = self(x, np.arange(length), length, (0, 1))   # (b, T, F_out, 1, F_in)
-        w = np.random.default_rng(3).uniform(0.5, 1.5, size=cols.shape[1:3]).astype(x.dtype)
-        fwd = np.einsum("btfj,tf->bj", cols[:, :, :, 0, :], w)
         xt = tf.constant(x)
         with tf.device(self.spec.device), tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(xt)
-            total = tf.reduce_sum(tf.convert_to_tensor(call_model(self.call, xt)) * w)
+            y = step_outputs(self.call, xt)    # as many output steps as x gives, not T_in
+            w = np.random.default_rng(3).uniform(0.5, 1.5, size=y.shape[1:]).astype(x.dtype)
+            total = tf.reduce_sum(y * w)
         g = tape.gradient(total, xt)
+        cols, _, _ = self(x, np.arange(y.shape[1]), length, (0, 1))   # (b, T_out, F_out, 1, F_in)
+        fwd = np.einsum("btfj,tf->bj", cols[:, :, :, 0, :], w)
         rev = np.zeros_like(fwd) if g is None else np.asarray(g)[:, 0, :]
         scale = max(float(np.max(np.abs(rev))), float(np.max(np.abs(fwd))), 1e-30)
         if not np.allclose(fwd, rev, rtol=1e-4, atol=1e-5 * scale):

@@ -49,7 +49,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
              dtype: str = "float32", overwrite: bool = False, progress: bool = True,
              on_nonfinite: str = "raise", in_chunk: int | None = None,
              on_block: Callable[[Any], None] | None = None, reduce: Any = None,
-             client: Any = None) -> Any:
+             client: Any = None, wrt: Any = None) -> Any:
     """Compute the per-example Jacobian of a sequence model, streamed into a zarr store.
 
     ``J[i, a, f1, t2, f2] = d y[i, out_steps[a], f1] / d x[i, t2, f2]`` for
@@ -205,7 +205,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
                   memory_budget=budget, examples_per_block=examples_per_block, causal=causal,
                   strategy=strategy, device=device, dtype=dtype, overwrite=overwrite,
                   progress=progress, on_nonfinite=on_nonfinite, in_chunk=in_chunk,
-                  on_block=on_block, client=client)
+                  on_block=on_block, client=client, wrt=wrt)
     if reduce is None:
         return run(model, inputs, req)
     from .analysis.reductions import as_reduction

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import events
 from ._tf import keras, tf
-from .models import RNN_LAYERS, Pointwise, call_model
+from .models import RNN_LAYERS, Pointwise, WithSide, call_model, side_rows
 
 __all__ = ["detect_causal"]
 
@@ -79,8 +79,8 @@ def detect_causal(model: Any, call: Callable[[Any], Any], x: np.ndarray,
     has no non-zero entry above the diagonal. A plain callable or a subclassed
     model is never judged causal (its code cannot be inspected).
     """
-    with events.phase("detect_causal"):
-        return _detect(model, call, x, device)
+    with events.phase("detect_causal"), side_rows(call, 0, x.shape[0]):
+        return _detect(model.model if isinstance(model, WithSide) else model, call, x, device)
 
 
 def _detect(model: Any, call: Callable[[Any], Any], x: np.ndarray,

@@ -18,7 +18,7 @@ from ..errors import ModelError, first_line
 from ..planning import normalize_out_steps
 from ..planning.units import is_float
 from ._tf import tf
-from .models import PreparedModel, call_model, forward, prepare_model
+from .models import PreparedModel, WithSide, call_model, forward, prepare_model, side_rows
 
 __all__ = ["SHORT_STEPS", "ModelInfo", "check_batch_independence", "check_differentiable",
            "inspect_model"]
@@ -44,6 +44,7 @@ class ModelInfo:
     # Why the model is a chain of Keras' own layers (None if it is not): such a model is
     # per example, deterministic, differentiable and causal by its layers' definitions.
     builtin_chain: str | None = None
+    dtype: str = "float32"   # what the model computes in (the dtype of ``sample``)
 
     @property
     def call(self) -> Any:
@@ -56,32 +57,38 @@ def inspect_model(model: Any, x: Any, dev: str, out_steps: Any) -> ModelInfo:
     Raises ModelError for outputs of the wrong rank, batch or dtype, for a model
     that mixes examples or is random, or that is not differentiable.
     """
-    with events.phase("checks"):
-        batch, t_in, f_in = (int(s) for s in x.shape)
-        sample = np.ascontiguousarray(np.asarray(x[: min(2, batch)]))
-        prepared, short, y_short = _prepare(model, sample, dev)
-        if y_short.ndim != 3 or y_short.shape[0] != short.shape[0]:
-            raise ModelError(
-                f"the model must map inputs (batch, steps, features) to outputs (batch, steps, "
-                f"features) with the same batch size; for inputs of shape {short.shape} it "
-                f"returned shape {y_short.shape}. Return sequences (e.g. "
-                "LSTM(return_sequences=True)), keep the batch axis first and one output per "
-                "input example.")
-        if not is_float(y_short.dtype):
-            raise ModelError(
-                f"the model returned outputs of dtype {y_short.dtype}; only floating-point "
-                "outputs can be differentiated. Return the float values before any cast, "
-                "argmax or round.")
-        if short.shape[1] == t_in:  # the eager output has the full length: fail before tracing
-            normalize_out_steps(out_steps, int(y_short.shape[1]))
-        from .recurrence import builtin_chain
+    batch = int(x.shape[0])
+    with events.phase("checks"), side_rows(model, 0, min(2, batch)):
+        return _inspect(model, x, dev, out_steps)
 
-        trusted, why = builtin_chain(model)
-        if not trusted:   # Keras' own per-step and RNN layers hold these by definition
-            check_batch_independence(prepared.call, short, dev, y_short)
-            check_differentiable(prepared.call, short, dev)
+
+def _inspect(model: Any, x: Any, dev: str, out_steps: Any) -> ModelInfo:
+    """:func:`inspect_model`'s work, with the side inputs of the sample bound."""
+    batch, t_in, f_in = (int(s) for s in x.shape)
+    sample = np.ascontiguousarray(np.asarray(x[: min(2, batch)]))
+    prepared, short, y_short = _prepare(model, sample, dev)
+    if y_short.ndim != 3 or y_short.shape[0] != short.shape[0]:
+        raise ModelError(
+            f"the model must map inputs (batch, steps, features) to outputs (batch, steps, "
+            f"features) with the same batch size; for inputs of shape {short.shape} it "
+            f"returned shape {y_short.shape}. Return sequences (e.g. "
+            "LSTM(return_sequences=True)), keep the batch axis first and one output per "
+            "input example.")
+    if not is_float(y_short.dtype):
+        raise ModelError(
+            f"the model returned outputs of dtype {y_short.dtype}; only floating-point "
+            "outputs can be differentiated. Return the float values before any cast, "
+            "argmax or round.")
+    if short.shape[1] == t_in:  # the eager output has the full length: fail before tracing
+        normalize_out_steps(out_steps, int(y_short.shape[1]))
+    from .recurrence import builtin_chain
+
+    trusted, why = builtin_chain(model)
+    if not trusted:   # Keras' own per-step and RNN layers hold these by definition
+        check_batch_independence(prepared.call, short, dev, y_short)
+        check_differentiable(prepared.call, short, dev)
     return ModelInfo(prepared, sample, short, y_short, batch, t_in, f_in, int(y_short.shape[2]),
-                     why if trusted else None)
+                     why if trusted else None, str(sample.dtype))
 
 
 def _prepare(model: Any, sample: np.ndarray, dev: str) -> tuple[PreparedModel, np.ndarray,
@@ -101,10 +108,16 @@ def _prepare(model: Any, sample: np.ndarray, dev: str) -> tuple[PreparedModel, n
     try:
         return _prepared_on(model, sample, dev)
     except Exception as e:
+        shapes = (f"inputs of shape {sample.shape} ({sample.dtype})" if not
+                  isinstance(model, WithSide) else f"its input {model.wrt!r} of shape "
+                  f"{sample.shape} ({sample.dtype}) and the other inputs of the same examples")
         raise ModelError(
-            f"calling the model on inputs of shape {sample.shape} (float32) failed with "
-            f"{type(e).__name__}: {first_line(e)}. Check that the inputs have the "
-            "length and number of features the model was built for.") from e
+            f"calling the model on {shapes} failed with {type(e).__name__}: {first_line(e)}. "
+            "Check that the inputs have the length and number of features the model was "
+            "built for. A model of several inputs takes them all, e.g. jacobian(model, "
+            "{'seq': x, 'static': s}, store, wrt='seq'): jacstream passes each block its "
+            "examples of every input (a tensor of the whole batch captured in a closure "
+            "does not match a block's examples).") from e
 
 
 def _prepared_on(model: Any, short: np.ndarray,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_jacobian_close
+from conftest import reference_jacobian as reference
 
 import jacstream
 
@@ -24,16 +25,6 @@ def float64_model(kind="lstm"):
     return keras.Sequential([keras.Input((None, F), dtype="float64"),
                              rnn(6, return_sequences=True, dtype="float64"),
                              keras.layers.Dense(2, dtype="float64")])
-
-
-def reference(model, x):
-    import tensorflow as tf
-
-    xt = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y = model(xt)
-    return tape.batch_jacobian(y, xt).numpy()
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,12 @@ class WithSide:
         """The side inputs of examples ``e0..e1-1``, in the order of :attr:`names`."""
         return tuple(np.ascontiguousarray(self.side[k][e0:e1]) for k in self.names)
 
+    def with_model(self, model: Any) -> WithSide:
+        """The same inputs for another model (a prepared clone); bound values are shared."""
+        new = WithSide(model, self.wrt, self.side, self.order, self.form)
+        new._bound = self._bound
+        return new
+
     @contextmanager
     def bound(self, values: tuple[Any, ...]) -> Iterator[None]:
         self._bound.append(tuple(values))
@@ -183,8 +189,21 @@ def prepare_model(model: Any, sample: np.ndarray, device: str,
     default: on a GPU), RNN layers copied to run without the cuDNN kernel. The
     clone is used only if its output on ``sample`` equals the original's
     (exactly; to float32 rounding where a cuDNN kernel was replaced, since
-    cuDNN sums in another order); otherwise the original model is used.
+    cuDNN sums in another order); otherwise the original model is used. A model
+    of several inputs (:class:`WithSide`) has its Keras model prepared so, on the
+    sample's side inputs.
     """
+    if isinstance(model, WithSide):
+        with side_rows(model, 0, sample.shape[0]):
+            inner = _prepared(model.model, device, no_cudnn, lambda m: model.with_model(m)(sample))
+        call = model if inner.call is model.model else model.with_model(inner.call)
+        return PreparedModel(call, inner.rewritten, inner.output)
+    return _prepared(model, device, no_cudnn, lambda m: m(sample, training=False))
+
+
+def _prepared(model: Any, device: str, no_cudnn: bool | None,
+              run: Callable[[Any], Any]) -> PreparedModel:
+    """:func:`prepare_model` of a Keras model, whose outputs on the sample ``run`` gives."""
     if not isinstance(model, keras.Model):
         return PreparedModel(model)
     if no_cudnn is None:
@@ -207,8 +226,8 @@ def prepare_model(model: Any, sample: np.ndarray, device: str,
     if not changed:
         return PreparedModel(model)
     with tf.device(device):
-        a = np.asarray(model(sample, training=False))
-        b = np.asarray(clone(sample, training=False))
+        a = np.asarray(run(model))
+        b = np.asarray(run(clone))
     if a.shape != b.shape:
         return PreparedModel(model, output=a)
     if any(cudnn_replaced):

@@ -49,7 +49,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
              dtype: str = "float32", overwrite: bool = False, progress: bool = True,
              on_nonfinite: str = "raise", in_chunk: int | None = None,
              on_block: Callable[[Any], None] | None = None, reduce: Any = None,
-             client: Any = None) -> Any:
+             client: Any = None, wrt: Any = None) -> Any:
     """Compute the per-example Jacobian of a sequence model, streamed into a zarr store.
 
     ``J[i, a, f1, t2, f2] = d y[i, out_steps[a], f1] / d x[i, t2, f2]`` for
@@ -72,6 +72,9 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         the path of a ``.npy`` file or zarr array (read lazily), or a
         ``tf.data.Dataset`` yielding ``x`` or ``(x, y)`` batches (spooled to
         disk beside the store, in order, so it need not fit in memory).
+        For a model of several inputs: a dict of them by input name, or a
+        list/tuple in the model's order, with ``wrt`` naming the one to
+        differentiate (the others: arrays with one entry per example on axis 0).
     store : str or path
         Directory of the zarr store: a new path or an empty directory (the store
         is created), or a store this function wrote (resumed, or replaced with
@@ -130,8 +133,10 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         kernel (it has no vectorised or second derivative) and
         ``memory_budget`` bounds device memory.
     dtype : {"float32", "float16", "bfloat16", "float64"}
-        Storage dtype; the computation is in float32 and each value is rounded
-        once when stored. float16 keeps a relative error under 2**-11 (~4.9e-4)
+        Storage dtype; the computation is in the model's precision (float64 for
+        a Keras model with a float64 layer, weight or input, else float32) and
+        each value is rounded once when stored (a float32 model stored as
+        float64 keeps float32 accuracy). float16 keeps a relative error under 2**-11 (~4.9e-4)
         for magnitudes 6.1e-5..65504 (smaller ones lose digits or become 0;
         larger ones are refused); bfloat16 keeps float32's range with a
         relative error under 2**-8 (~3.9e-3). Half the disk of float32.
@@ -161,6 +166,11 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
         path. ``memory_budget`` then applies to each worker process (default:
         2 GiB or a quarter of the smallest worker memory limit). Runs resume
         across executors: a distributed run can be finished locally and back.
+    wrt : str or int, optional
+        With several inputs: the key (dict) or position (list/tuple) of the one
+        to differentiate, e.g. ``jacobian(model, {"seq": x, "static": s}, store,
+        wrt="seq")``; the others are passed along with each block's examples.
+        Required when there are several; leave it out for one array.
 
     Returns
     -------
@@ -174,7 +184,9 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
     jacstream.errors.InputError
         An argument is malformed: inputs not a float ``(batch, steps, features)``
         array with no empty axis, out_steps breaking the rules above, a
-        ``block_size`` that is not a positive int, an unknown option value.
+        ``block_size`` that is not a positive int, an unknown option value;
+        several inputs without a ``wrt`` naming one of them, or whose numbers of
+        examples differ.
     jacstream.errors.BudgetError
         ``memory_budget`` is unparseable, not positive, or too small for one step.
     jacstream.errors.ModelError
@@ -217,7 +229,7 @@ def jacobian(model: Callable[..., Any], inputs: Any, store: str | os.PathLike[st
                   memory_budget=budget, examples_per_block=examples_per_block, causal=causal,
                   strategy=strategy, device=device, dtype=dtype, overwrite=overwrite,
                   progress=progress, on_nonfinite=on_nonfinite, in_chunk=in_chunk,
-                  on_block=on_block, client=client)
+                  on_block=on_block, client=client, wrt=wrt)
     if reduce is None:
         return run(model, inputs, req)
     from .analysis.reductions import as_reduction

@@ -17,20 +17,24 @@ import pytest
 # same computation is repeated (or stored bytes are read back), each with a comment saying why.
 RTOL = 1e-5
 ATOL_REL = 1e-5  # absolute tolerance, relative to the largest finite |entry| of the reference
+# The same for two different float64 computations (a model built in float64).
+RTOL_FLOAT64 = ATOL_REL_FLOAT64 = 1e-12
 
 
-def assert_jacobian_close(actual, expected, what: str = "") -> None:
+def assert_jacobian_close(actual, expected, what: str = "", precision: str = "float32") -> None:
     """Assert two results of different float32 computations agree to float32 rounding.
 
     For Jacobians and any other float32 results (model outputs, reductions). Shapes must
-    match; NaN must be NaN at the same places.
+    match; NaN must be NaN at the same places. ``precision="float64"``: two float64
+    computations, to float64 rounding (a model built in float64).
     """
     actual = np.asarray(actual)
     expected = np.asarray(expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     finite = np.abs(expected[np.isfinite(expected)])
     scale = float(finite.max()) if finite.size else 0.0
-    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL_REL * max(scale, 1e-30),
+    rtol, atol = (RTOL, ATOL_REL) if precision == "float32" else (RTOL_FLOAT64, ATOL_REL_FLOAT64)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * max(scale, 1e-30),
                                err_msg=what)
 
 

@@ -62,6 +62,12 @@ def _nan_after_step(t: int):
     return lambda x: tf.math.multiply_no_nan(c, x)
 
 
+def _closure_over(x: np.ndarray):
+    """A model closing over a tensor of the whole batch (a block holds fewer examples)."""
+    whole = tf.constant(x)
+    return lambda v: v * whole
+
+
 # --------------------------------------------------------------------------- the table
 @dataclass
 class Ctx:
@@ -142,6 +148,20 @@ CASES = [
          ("empty axis", "(0, 10, 2)", "at least one example")),
     Case("inputs_empty_steps", lambda c: c.run(inputs=c.x[:, :0], overwrite=True), IN,
          ValueError, ("empty axis", "(3, 0, 2)")),
+    # -- several inputs (a sequence and a static vector)
+    Case("inputs_several_without_wrt", lambda c: c.run(inputs={"seq": c.x, "static": c.x[:, 0]}),
+         IN, ValueError, ("wrt is missing", "'seq' (shape (3, 10, 2))", "'static' (shape (3, 2))")),
+    Case("inputs_several_unknown_wrt",
+         lambda c: c.run(inputs=[c.x, c.x[:, 0]], wrt="seq"), IN, ValueError,
+         ("wrt is 'seq'", "one of 0 (shape (3, 10, 2)), 1 (shape (3, 2))")),
+    Case("inputs_several_batch_differs",
+         lambda c: c.run(inputs={"seq": c.x, "static": c.x[:2, 0]}, wrt="seq"), IN, ValueError,
+         ("input 'static' has 2 examples", "input 'seq' has 3", "one entry per example")),
+    Case("inputs_wrt_of_one_array", lambda c: c.run(wrt=0), IN, ValueError,
+         ("wrt=0", "inputs is one array", "leave wrt out")),
+    Case("model_closes_over_the_batch",
+         lambda c: c.run(model=_closure_over(c.x), store=c.new), MO, ValueError,
+         ("calling the model", "several inputs", "wrt='seq'", "closure")),
     # -- model output shapes
     # (batch, features) outputs are one output step (tests/test_core.py), not an error
     Case("model_4d_output", lambda c: c.run(model=lambda x: x[..., None]), MO, ValueError,

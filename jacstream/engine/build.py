@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import events
 from ..errors import JacstreamError, ModelError, StrategyUnavailable, first_line
+from .models import side_rows
 from .strategies import BlockFunction, FunctionSpec, function_class
 
 __all__ = ["from_spec", "validated"]
@@ -28,8 +29,8 @@ def from_spec(call: Callable[[Any], Any], spec: FunctionSpec) -> BlockFunction:
 
 
 def validated(call: Callable[[Any], Any], strategy: str, f_in: int, f_out: int, device: str,
-              sample: np.ndarray, short: np.ndarray,
-              short_shape: tuple[int, ...]) -> BlockFunction:
+              sample: np.ndarray, short: np.ndarray, short_shape: tuple[int, ...],
+              dtype: str = "float32") -> BlockFunction:
     """Trace strategy ``strategy``'s function and check it against an eager forward pass.
 
     The dynamic signature must give, on the short sample, the output shape the
@@ -37,7 +38,8 @@ def validated(call: Callable[[Any], Any], strategy: str, f_in: int, f_out: int, 
     axis) the function is built with static shapes. A strategy with several
     implementations (forward mode) tries them in order; what failed is kept in
     ``spec.notes``. Raises :class:`~jacstream.errors.StrategyUnavailable` when
-    an optional strategy cannot differentiate the model at all.
+    an optional strategy cannot differentiate the model at all. ``dtype``: what the
+    model computes in (:func:`jacstream.engine.models.compute_dtype`).
     """
     cls = function_class(strategy)
     failures: list[str] = []
@@ -46,7 +48,7 @@ def validated(call: Callable[[Any], Any], strategy: str, f_in: int, f_out: int, 
         for static in (False, True):
             for impl in cls.impls:
                 fn = cls(call, FunctionSpec(strategy, impl, int(f_in), int(f_out), device,
-                                            static=static))
+                                            static=static, dtype=dtype))
                 try:
                     yfull = _first_calls(fn, sample, short, short_shape)
                 except ModelError as e:
@@ -80,7 +82,8 @@ def _first_calls(fn: BlockFunction, sample: np.ndarray, short: np.ndarray,
         if ys != tuple(short_shape):
             raise ValueError(f"traced output shape {ys} != eager {tuple(short_shape)}")
     _, yfull, _ = fn.tiny(sample)
-    fn.check(sample if fn.static else short)
+    with side_rows(fn.call, 0, sample.shape[0]):   # short is a prefix of the same examples
+        fn.check(sample if fn.static else short)
     f_out = fn.spec.f_out
     if len(yfull) != 3 or yfull[0] != sample.shape[0] or yfull[2] != f_out:
         raise ModelError(f"the model returned outputs of shape {yfull} for inputs of shape "

@@ -15,7 +15,7 @@ import numpy as np
 from .. import events
 from ..errors import ModelError
 from ._tf import keras, tf
-from .models import RNN_LAYERS, Pointwise, step_outputs
+from .models import RNN_LAYERS, Pointwise, WithSide, side_rows, step_outputs
 
 __all__ = ["check_causal_promise", "detect_causal"]
 
@@ -85,7 +85,8 @@ def detect_causal(model: Any, call: Callable[[Any], Any], x: np.ndarray,
     has no non-zero entry above the diagonal. A plain callable or a subclassed
     model is never judged causal (its code cannot be inspected).
     """
-    with events.phase("detect_causal"):
+    with events.phase("detect_causal"), side_rows(call, 0, x.shape[0]):
+        model = model.model if isinstance(model, WithSide) else model
         if not _is_graph_model(model):
             return False, "not a functional/Sequential Keras model: cannot inspect its layers"
         ok, why = _model_is_causal(model)
@@ -108,7 +109,7 @@ def check_causal_promise(call: Callable[[Any], Any], x: np.ndarray, device: str)
     inputs) must be exactly zero above the diagonal. A broken promise would
     make a causal run leave out non-zero entries: a silently wrong Jacobian.
     """
-    with events.phase("detect_causal"):
+    with events.phase("detect_causal"), side_rows(call, 0, x.shape[0]):
         out_len, found = _look_ahead(call, x, device)
     length = x.shape[1]
     if out_len != length:

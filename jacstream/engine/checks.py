@@ -19,7 +19,15 @@ from ..errors import ModelError, first_line
 from ..planning import normalize_out_steps
 from ..planning.units import is_float
 from ._tf import tf
-from .models import PreparedModel, call_model, forward, prepare_model, step_outputs
+from .models import (
+    PreparedModel,
+    WithSide,
+    call_model,
+    forward,
+    prepare_model,
+    side_rows,
+    step_outputs,
+)
 
 __all__ = ["SHORT_STEPS", "ModelInfo", "check_batch_independence", "check_differentiable",
            "inspect_model"]
@@ -50,6 +58,7 @@ class ModelInfo:
     t_out: int | None = None
     # The model returns (batch, features): one output step, a time axis of length 1 added.
     one_step: bool = False
+    dtype: str = "float32"   # what the model computes in (the dtype of ``sample``)
 
     @property
     def call(self) -> Any:
@@ -63,24 +72,30 @@ def inspect_model(model: Any, x: Any, dev: str, out_steps: Any) -> ModelInfo:
     that mixes examples or is random, or that is not differentiable. Outputs
     ``(batch, features)`` are taken as one output step (``ModelInfo.one_step``).
     """
-    with events.phase("checks"):
-        batch, t_in, f_in = (int(s) for s in x.shape)
-        sample = np.ascontiguousarray(np.asarray(x[: min(2, batch)]))
-        prepared, short, y_raw = _prepare(model, sample, dev)
-        y_short = _as_steps(y_raw, short.shape)
-        from .recurrence import builtin_chain
+    batch = int(x.shape[0])
+    with events.phase("checks"), side_rows(model, 0, min(2, batch)):
+        return _inspect(model, x, dev, out_steps)
 
-        trusted, why = builtin_chain(model)
-        one_step = y_raw.ndim == 2
-        call = partial(step_outputs, prepared.call) if one_step else prepared.call
-        t_out = 1 if one_step else _output_length(call, sample, short, y_short, trusted, dev)
-        if t_out is not None:   # known from the eager pass: fail before tracing
-            normalize_out_steps(out_steps, t_out)
-        if not trusted:   # Keras' own per-step and RNN layers hold these by definition
-            check_batch_independence(call, short, dev, y_short)
-            check_differentiable(call, short, dev)
+
+def _inspect(model: Any, x: Any, dev: str, out_steps: Any) -> ModelInfo:
+    """:func:`inspect_model`'s work, with the side inputs of the sample bound."""
+    batch, t_in, f_in = (int(s) for s in x.shape)
+    sample = np.ascontiguousarray(np.asarray(x[: min(2, batch)]))
+    prepared, short, y_raw = _prepare(model, sample, dev)
+    y_short = _as_steps(y_raw, short.shape)
+    from .recurrence import builtin_chain
+
+    trusted, why = builtin_chain(model)
+    one_step = y_raw.ndim == 2
+    call = partial(step_outputs, prepared.call) if one_step else prepared.call
+    t_out = 1 if one_step else _output_length(call, sample, short, y_short, trusted, dev)
+    if t_out is not None:   # known from the eager pass: fail before tracing
+        normalize_out_steps(out_steps, t_out)
+    if not trusted:   # Keras' own per-step and RNN layers hold these by definition
+        check_batch_independence(call, short, dev, y_short)
+        check_differentiable(call, short, dev)
     return ModelInfo(prepared, sample, short, y_short, batch, t_in, f_in, int(y_short.shape[2]),
-                     why if trusted else None, t_out, one_step)
+                     why if trusted else None, t_out, one_step, str(sample.dtype))
 
 
 def _as_steps(y: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
@@ -139,10 +154,16 @@ def _prepare(model: Any, sample: np.ndarray, dev: str) -> tuple[PreparedModel, n
     try:
         return _prepared_on(model, sample, dev)
     except Exception as e:
+        shapes = (f"inputs of shape {sample.shape} ({sample.dtype})" if not
+                  isinstance(model, WithSide) else f"its input {model.wrt!r} of shape "
+                  f"{sample.shape} ({sample.dtype}) and the other inputs of the same examples")
         raise ModelError(
-            f"calling the model on inputs of shape {sample.shape} (float32) failed with "
-            f"{type(e).__name__}: {first_line(e)}. Check that the inputs have the "
-            "length and number of features the model was built for.") from e
+            f"calling the model on {shapes} failed with {type(e).__name__}: {first_line(e)}. "
+            "Check that the inputs have the length and number of features the model was "
+            "built for. A model of several inputs takes them all, e.g. jacobian(model, "
+            "{'seq': x, 'static': s}, store, wrt='seq'): jacstream passes each block its "
+            "examples of every input (a tensor of the whole batch captured in a closure "
+            "does not match a block's examples).") from e
 
 
 def _prepared_on(model: Any, short: np.ndarray,

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import InputError, ModelError, first_line
 from ._tf import keras, tf
+from .models import WithSide
 
 __all__ = ["MODEL_SUFFIXES", "fingerprint_model", "load_model_file", "load_payload",
            "model_payload"]
@@ -23,6 +24,10 @@ MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 def fingerprint_model(model: Any) -> str:
     """A hash of the model's class, configuration and weights (sha256 hex)."""
     h = hashlib.sha256()
+    if isinstance(model, WithSide):   # the side inputs' values are part of the inputs' hash
+        h.update(f"{fingerprint_model(model.model)} wrt={model.wrt!r} order={model.order!r} "
+                 f"form={model.form}".encode())
+        return h.hexdigest()
     h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     if isinstance(model, keras.layers.Layer):
         try:
@@ -82,7 +87,14 @@ def model_payload(model: Any) -> tuple[str, bytes]:
     Lambda layers, ``"keras-lambda"``: safe mode refuses the Python code of a
     Lambda, and these bytes come from the caller's own in-memory model, not
     from an untrusted file, so the workers load them with ``safe_mode=False``.
+    A model of several inputs (:class:`~jacstream.engine.models.WithSide`) is
+    ``"with-side"``: its model's payload, ``wrt`` and the side inputs, pickled.
     """
+    if isinstance(model, WithSide):
+        import pickle
+
+        return "with-side", pickle.dumps((model_payload(model.model), model.wrt, model.side,
+                                          model.order, model.form))
     if isinstance(model, keras.Model):
         with tempfile.TemporaryDirectory(prefix="jacstream-") as d:
             path = os.path.join(d, "model.keras")
@@ -109,6 +121,12 @@ def model_payload(model: Any) -> tuple[str, bytes]:
 
 def load_payload(kind: str, payload: bytes) -> Any:
     """The model back from :func:`model_payload`'s bytes (on a dask worker)."""
+    if kind == "with-side":
+        import pickle
+
+        # The client's own bytes (model_payload), as trusted as the cloudpickle kind.
+        inner, wrt, side, order, form = pickle.loads(payload)  # noqa: S301
+        return WithSide(load_payload(*inner), wrt, side, order, form)
     if kind == "pickle":
         import cloudpickle
 

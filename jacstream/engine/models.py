@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,8 +11,9 @@ import numpy as np
 
 from ._tf import keras, tf
 
-__all__ = ["RNN_LAYERS", "Pointwise", "PreparedModel", "call_model", "forward", "model_kind",
-           "prepare_model", "step_outputs", "without_cudnn"]
+__all__ = ["RNN_LAYERS", "Pointwise", "PreparedModel", "WithSide", "call_model", "compute_dtype",
+           "forward", "model_kind", "prepare_model", "side_rows", "step_outputs",
+           "without_cudnn"]
 
 # Recurrent layers: a model with one is "recurrent" for the strategy prediction.
 RNN_LAYERS = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN, keras.layers.RNN)
@@ -27,6 +29,93 @@ def forward(call: Callable[[Any], Any], x: np.ndarray, device: str) -> np.ndarra
     with tf.device(device):
         y = call(x, training=False) if isinstance(call, keras.Model) else call(tf.constant(x))
     return np.asarray(y)
+
+
+def compute_dtype(model: Any) -> str:
+    """The dtype the model computes in: ``"float64"`` for a Keras model with a float64 layer,
+    weight or input, else ``"float32"`` (also for plain callables, which cannot be inspected)."""
+    inner = model.model if isinstance(model, WithSide) else model
+    if not isinstance(inner, keras.layers.Layer):
+        return "float32"
+    subs = inner._flatten_layers(include_self=True, recursive=True)
+    found = [getattr(s, "compute_dtype", None) for s in subs]
+    found += [str(w.dtype) for w in inner.weights]
+    found += [str(getattr(t, "dtype", "")) for t in (getattr(inner, "inputs", None) or [])]
+    return "float64" if "float64" in found else "float32"
+
+
+class WithSide:
+    """A model of several inputs seen as a function of one of them (``wrt``).
+
+    The other inputs ("side inputs") are held whole, ``side[name]`` with the
+    examples on axis 0, and passed along with the examples being differentiated:
+    :meth:`bound` gives the values for the examples of the call (NumPy slices,
+    or the traced arguments of a block function). A call whose batch is a
+    multiple of the bound examples repeats each one as ``tf.repeat`` does (the
+    tile and forward strategies copy examples so); a shorter batch takes the
+    first ones (a probe on the first example).
+    """
+
+    def __init__(self, model: Any, wrt: Any, side: dict[Any, np.ndarray], order: tuple[Any, ...],
+                 form: str) -> None:
+        self.model, self.wrt, self.side, self.order, self.form = model, wrt, side, order, form
+        self.names = tuple(k for k in order if k != wrt)
+        self._bound: list[tuple[Any, ...]] = []
+
+    def rows(self, e0: int, e1: int) -> tuple[np.ndarray, ...]:
+        """The side inputs of examples ``e0..e1-1``, in the order of :attr:`names`."""
+        return tuple(np.ascontiguousarray(self.side[k][e0:e1]) for k in self.names)
+
+    def with_model(self, model: Any) -> WithSide:
+        """The same inputs for another model (a prepared clone); bound values are shared."""
+        new = WithSide(model, self.wrt, self.side, self.order, self.form)
+        new._bound = self._bound
+        return new
+
+    @contextmanager
+    def bound(self, values: tuple[Any, ...]) -> Iterator[None]:
+        self._bound.append(tuple(values))
+        try:
+            yield
+        finally:
+            self._bound.pop()
+
+    def __call__(self, x: Any, training: bool = False) -> Any:
+        if not self._bound:
+            raise RuntimeError("jacstream: the model's side inputs were not bound to examples")
+        x = tf.convert_to_tensor(x)
+        values = dict(zip(self.names, (_matched(v, x) for v in self._bound[-1]), strict=True))
+        values[self.wrt] = x
+        if self.form == "dict":
+            return call_model(self.model, values)
+        ordered = [values[k] for k in self.order]
+        return call_model(self.model, ordered if self.form == "list" else tuple(ordered))
+
+
+def _matched(v: Any, x: tf.Tensor) -> tf.Tensor:
+    """Side values ``v`` of n examples for a batch ``x`` of m: as is, the first m, or each
+    repeated m / n times."""
+    v = tf.convert_to_tensor(v)
+    m, n = x.shape[0], v.shape[0]
+    if m is not None and n is not None:
+        if m == n:
+            return v
+        if m < n:
+            return v[:m]
+        if m % n:
+            raise ValueError(f"a batch of {m} examples for side inputs of {n}")
+        return tf.repeat(v, m // n, axis=0)
+    return tf.repeat(v, tf.shape(x)[0] // tf.shape(v)[0], axis=0)
+
+
+@contextmanager
+def side_rows(call: Any, e0: int, e1: int) -> Iterator[None]:
+    """Bind the side inputs of examples ``e0..e1-1`` (nothing for a model of one input)."""
+    if not isinstance(call, WithSide):
+        yield
+        return
+    with call.bound(call.rows(e0, e1)):
+        yield
 
 
 class Pointwise(keras.layers.Layer):
@@ -101,8 +190,21 @@ def prepare_model(model: Any, sample: np.ndarray, device: str,
     default: on a GPU), RNN layers copied to run without the cuDNN kernel. The
     clone is used only if its output on ``sample`` equals the original's
     (exactly; to float32 rounding where a cuDNN kernel was replaced, since
-    cuDNN sums in another order); otherwise the original model is used.
+    cuDNN sums in another order); otherwise the original model is used. A model
+    of several inputs (:class:`WithSide`) has its Keras model prepared so, on the
+    sample's side inputs.
     """
+    if isinstance(model, WithSide):
+        with side_rows(model, 0, sample.shape[0]):
+            inner = _prepared(model.model, device, no_cudnn, lambda m: model.with_model(m)(sample))
+        call = model if inner.call is model.model else model.with_model(inner.call)
+        return PreparedModel(call, inner.rewritten, inner.output)
+    return _prepared(model, device, no_cudnn, lambda m: m(sample, training=False))
+
+
+def _prepared(model: Any, device: str, no_cudnn: bool | None,
+              run: Callable[[Any], Any]) -> PreparedModel:
+    """:func:`prepare_model` of a Keras model, whose outputs on the sample ``run`` gives."""
     if not isinstance(model, keras.Model):
         return PreparedModel(model)
     if no_cudnn is None:
@@ -125,8 +227,8 @@ def prepare_model(model: Any, sample: np.ndarray, device: str,
     if not changed:
         return PreparedModel(model)
     with tf.device(device):
-        a = np.asarray(model(sample, training=False))
-        b = np.asarray(clone(sample, training=False))
+        a = np.asarray(run(model))
+        b = np.asarray(run(clone))
     if a.shape != b.shape:
         return PreparedModel(model, output=a)
     if any(cudnn_replaced):
@@ -146,6 +248,8 @@ def model_kind(model: Any, call: Callable[[Any], Any], f_in: int,
     callables by the ops of their traced graph (a while loop is recurrent),
     their size by the tensors the graph captures.
     """
+    if isinstance(model, WithSide):
+        model = model.model
     if isinstance(model, keras.Model):
         rnn = any(isinstance(sub, RNN_LAYERS)
                   for sub in model._flatten_layers(include_self=False, recursive=True))

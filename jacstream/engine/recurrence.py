@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import StrategyUnavailable
 from ._tf import keras, tf
-from .models import Pointwise, call_model
+from .models import Pointwise, WithSide, call_model
 
 __all__ = ["Chain", "NotApplicable", "Recurrent", "apply_steps", "builtin_chain", "cell_step",
            "close_or_refuse", "decompose", "reverse_reference", "rowwise_jacobian"]
@@ -101,6 +101,9 @@ def _is_per_step(layer: keras.layers.Layer) -> bool:
 
 def _chain_layers(model: Any) -> list[keras.layers.Layer]:
     """The layers of a Sequential or single-path functional model, in order."""
+    if isinstance(model, WithSide):
+        raise NotApplicable("the model has several inputs; only single-input chains are "
+                            "decomposed")
     if not isinstance(model, keras.Model):
         raise NotApplicable("the model is a plain callable, not a Keras model: its layers "
                             "cannot be matched")

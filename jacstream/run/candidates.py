@@ -45,7 +45,7 @@ class Candidates:
 
             m = self.m
             fn = validated(m.call, name, m.f_in, m.f_out, self.dev, m.sample, m.short,
-                           m.y_short.shape)
+                           m.y_short.shape, dtype=m.dtype)
             if hasattr(fn, "batch_hint"):   # a cost model from the shapes plans for the batch
                 fn.batch_hint = m.batch
             self.fns[name] = fn
@@ -87,7 +87,7 @@ class Candidates:
         """One trial block of ``plan`` on the job's inputs."""
         with events.phase("trial"):
             e0, e1 = block.examples
-            return fn.compute(plan, block, np.asarray(self.x[e0:e1]))
+            return fn.compute(plan, block, np.asarray(self.x[e0:e1]))  # binds its examples
 
     def choose(self, model: Any, x: Any, key: tuple[Any, ...]) -> choice_mod.Choice:
         """``strategy="auto"``: predict from the shapes, then time real blocks."""

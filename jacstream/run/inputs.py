@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +32,26 @@ import numpy as np
 from ..errors import InputError
 from ..planning.units import is_float
 
-__all__ = ["LazyInputs", "as_inputs", "is_dataset"]
+__all__ = ["LazyInputs", "Side", "as_inputs", "check_side", "is_dataset", "split_inputs"]
 
 # Examples are spooled to disk in chunks of about this many bytes.
 SPOOL_CHUNK_BYTES = 8 * 2**20
 
 
 class LazyInputs:
-    """A read-only ``(batch, steps, features)`` view whose slices come back as float32.
+    """A read-only ``(batch, steps, features)`` view whose slices come back as ``dtype``.
 
-    Wraps a lazily indexed array (zarr, memory map) whose dtype is not
-    float32, or a temporary spool that must live as long as the view.
+    Wraps a lazily indexed array (zarr, memory map) of another dtype than the
+    model computes in (float32, or float64 for a float64 model), or a temporary
+    spool that must live as long as the view.
     """
 
-    def __init__(self, array: Any, keep: Any = None, source: str = "") -> None:
+    def __init__(self, array: Any, keep: Any = None, source: str = "",
+                 dtype: str = "float32") -> None:
         self._array = array
         self._keep = keep  # e.g. a TemporaryDirectory: deleted with this object
         self.source = source
+        self._dtype = np.dtype(dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -55,7 +59,7 @@ class LazyInputs:
 
     @property
     def dtype(self) -> np.dtype[Any]:
-        return np.dtype(np.float32)
+        return self._dtype
 
     @property
     def ndim(self) -> int:
@@ -65,7 +69,7 @@ class LazyInputs:
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return np.asarray(self._array[key], dtype=np.float32)
+        return np.asarray(self._array[key], dtype=self._dtype)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         a = self[...]
@@ -73,7 +77,7 @@ class LazyInputs:
 
     def __repr__(self) -> str:
         src = f" from {self.source}" if self.source else ""
-        return f"<jacstream inputs shape={self.shape} float32{src}>"
+        return f"<jacstream inputs shape={self.shape} {self._dtype}{src}>"
 
 
 def is_dataset(obj: Any) -> bool:
@@ -82,7 +86,8 @@ def is_dataset(obj: Any) -> bool:
             and hasattr(obj, "element_spec"))
 
 
-def as_inputs(inputs: Any, *, scratch: str | os.PathLike[str] | None = None) -> Any:
+def as_inputs(inputs: Any, *, scratch: str | os.PathLike[str] | None = None,
+              dtype: str = "float32") -> Any:
     """Validate ``inputs``; return an array of shape (batch, steps, features) sliceable lazily.
 
     Parameters
@@ -92,11 +97,13 @@ def as_inputs(inputs: Any, *, scratch: str | os.PathLike[str] | None = None) -> 
     scratch : str or path, optional
         The store the inputs are for: a dataset is spooled into a temporary
         directory beside it (same disk, not RAM-backed ``/tmp``).
+    dtype : {"float32", "float64"}
+        What the model computes in: slices come back in it.
 
     Returns
     -------
     numpy.ndarray, zarr.Array or LazyInputs
-        Indexing ``[e0:e1]`` gives float32 examples ``e0..e1-1``.
+        Indexing ``[e0:e1]`` gives examples ``e0..e1-1`` as ``dtype``.
 
     Examples
     --------
@@ -109,10 +116,10 @@ def as_inputs(inputs: Any, *, scratch: str | os.PathLike[str] | None = None) -> 
     jacstream.errors.InputError: inputs must have shape (batch, steps, features), got shape (2, 5) (rank 2). Add a feature axis: inputs[..., None].
     """
     if isinstance(inputs, (str, os.PathLike)):
-        return _check(_open_path(Path(inputs)))
+        return _check(_open_path(Path(inputs)), dtype=dtype)
     if is_dataset(inputs) or isinstance(inputs, Iterator):
         kind = "the dataset" if is_dataset(inputs) else "the iterator"
-        return _spool(_dataset_batches(inputs), scratch, kind)
+        return _spool(_dataset_batches(inputs), scratch, kind, dtype)
     if hasattr(inputs, "numpy") and callable(inputs.numpy):  # tf.Tensor
         inputs = inputs.numpy()
     if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
@@ -125,10 +132,10 @@ def as_inputs(inputs: Any, *, scratch: str | os.PathLike[str] | None = None) -> 
             raise InputError(f"inputs must be an array of shape (batch, steps, features), a "
                              f"path to a .npy file or zarr array, or a tf.data.Dataset; got "
                              f"{given}.") from None
-    return _check(inputs)
+    return _check(inputs, dtype=dtype)
 
 
-def _check(inputs: Any, what: str = "inputs") -> Any:
+def _check(inputs: Any, what: str = "inputs", dtype: str = "float32") -> Any:
     shape = tuple(int(s) for s in inputs.shape)
     if len(shape) != 3:
         hint = (" Add a feature axis: inputs[..., None]." if len(shape) == 2 else "")
@@ -142,12 +149,93 @@ def _check(inputs: Any, what: str = "inputs") -> Any:
                          f"{inputs.dtype}. Convert them, e.g. inputs.astype('float32').")
     if isinstance(inputs, np.memmap) or not isinstance(inputs, np.ndarray):
         # Lazy (memory map, zarr...): cast slice by slice, never the whole array.
-        if str(inputs.dtype) != "float32":
-            return LazyInputs(inputs, source=getattr(inputs, "filename", None) or "")
+        if str(inputs.dtype) != dtype:
+            return LazyInputs(inputs, source=getattr(inputs, "filename", None) or "",
+                              dtype=dtype)
         return inputs
-    if inputs.dtype != np.float32:
-        inputs = inputs.astype(np.float32)
+    if inputs.dtype != np.dtype(dtype):
+        inputs = inputs.astype(dtype)
     return inputs
+
+
+# --------------------------------------------------------------------------- several inputs
+@dataclass(frozen=True)
+class Side:
+    """The inputs of a model of several inputs besides the one differentiated (``wrt``).
+
+    ``arrays[key]`` holds every example on axis 0; ``order`` is the keys of all
+    inputs as the model takes them, ``form`` how: ``"dict"``, ``"list"`` or ``"tuple"``.
+    """
+
+    wrt: Any
+    arrays: dict[Any, np.ndarray]
+    order: tuple[Any, ...]
+    form: str
+
+
+SEVERAL_FORM = ("pass them all, as a dict by input name or a list in the model's order, and "
+                "name the one to differentiate: jacobian(model, {'seq': x, 'static': s}, "
+                "store, wrt='seq') or jacobian(model, [x, s], store, wrt=0)")
+
+
+def split_inputs(inputs: Any, wrt: Any, model: Any) -> tuple[Any, Side | None]:
+    """The input to differentiate, and the others (None for a model of one input).
+
+    ``inputs`` is a dict (by input name) or a list/tuple (in the model's order)
+    of arrays when the model takes several; ``wrt`` names the one differentiated:
+    the Jacobian is with respect to it, the others go along with their examples.
+    """
+    model_inputs = getattr(model, "inputs", None)   # a Keras model's (no TensorFlow here)
+    n_model = len(model_inputs) if isinstance(model_inputs, (list, tuple)) else 0
+    several = isinstance(inputs, dict) or (isinstance(inputs, (list, tuple)) and (
+        wrt is not None or n_model > 1))
+    if not several:
+        if n_model > 1:
+            raise InputError(f"the model has {n_model} inputs but inputs is one array; "
+                             f"{SEVERAL_FORM}.")
+        if wrt is not None:
+            raise InputError(f"wrt={wrt!r} picks one of several inputs, but inputs is one "
+                             "array: leave wrt out.")
+        return inputs, None
+    form = "dict" if isinstance(inputs, dict) else type(inputs).__name__
+    items = dict(inputs) if isinstance(inputs, dict) else dict(enumerate(inputs))
+    listed = ", ".join(f"{k!r} (shape {getattr(v, 'shape', '?')})" for k, v in items.items())
+    if not items:
+        raise InputError(f"inputs is an empty {form}; {SEVERAL_FORM}.")
+    if wrt is None and len(items) == 1:
+        wrt = next(iter(items))
+    if wrt is None or wrt not in items:
+        what = "is missing" if wrt is None else f"is {wrt!r}"
+        raise InputError(f"wrt {what}: with several inputs, wrt must name the one to "
+                         f"differentiate, one of {listed}.")
+    arrays = {k: _side_array(k, v) for k, v in items.items() if k != wrt}
+    return items[wrt], Side(wrt, arrays, tuple(items), form)
+
+
+def _side_array(key: Any, value: Any) -> np.ndarray:
+    """A side input as a NumPy array (it is held in memory; blocks take its examples)."""
+    if hasattr(value, "numpy") and callable(value.numpy):  # tf.Tensor
+        value = value.numpy()
+    try:
+        a = np.asarray(value)
+    except Exception:
+        a = np.asarray(None)
+    if a.dtype == object or a.ndim == 0:
+        raise InputError(f"input {key!r} must be an array with the examples on axis 0, got "
+                         f"{type(value).__name__}.")
+    return a
+
+
+def check_side(side: Side, batch: int, dtype: str) -> Side:
+    """``side`` with each array checked to hold ``batch`` examples, floats cast to ``dtype``."""
+    arrays = {}
+    for k, a in side.arrays.items():
+        if a.shape[0] != batch:
+            raise InputError(f"input {k!r} has {a.shape[0]} examples (shape {a.shape}), input "
+                             f"{side.wrt!r} has {batch}: every input needs one entry per "
+                             "example, on axis 0.")
+        arrays[k] = a.astype(dtype) if is_float(a.dtype) and str(a.dtype) != dtype else a
+    return Side(side.wrt, arrays, side.order, side.form)
 
 
 # --------------------------------------------------------------------------- paths
@@ -193,9 +281,11 @@ def _dataset_batches(data: Any) -> Iterator[np.ndarray]:
                                  "x or (x, y) batches.")
             x = x[0]
         if isinstance(x, dict):
-            raise InputError(f"batch {n} of the dataset is a dict with keys {sorted(x)}; "
-                             "jacstream differentiates a model with one input tensor. Map it "
-                             "to x or (x, y) batches, e.g. ds.map(lambda d: d['x']).")
+            raise InputError(f"batch {n} of the dataset is a dict with keys {sorted(x)}; a "
+                             "dataset must yield one input tensor. For a model of several "
+                             "inputs pass arrays: jacobian(model, {'seq': x, 'static': s}, "
+                             "store, wrt='seq'); or map the dataset to x or (x, y) batches, "
+                             "e.g. ds.map(lambda d: d['x']).")
         if hasattr(x, "numpy") and callable(x.numpy):
             x = x.numpy()
         x = np.asarray(x)
@@ -207,19 +297,21 @@ def _dataset_batches(data: Any) -> Iterator[np.ndarray]:
 class _Spool:
     """Append batches to a zarr array in whole chunks, holding at most one chunk in memory."""
 
-    def __init__(self, directory: str, steps: int, features: int) -> None:
+    def __init__(self, directory: str, steps: int, features: int,
+                 dtype: str = "float32") -> None:
         import zarr
 
-        row = steps * features * 4
+        self.dtype = np.dtype(dtype)
+        row = steps * features * self.dtype.itemsize
         self.chunk = max(1, SPOOL_CHUNK_BYTES // row)
         self.array = zarr.create_array(store=os.path.join(directory, "inputs.zarr"),
-                                       shape=(0, steps, features), dtype="float32",
+                                       shape=(0, steps, features), dtype=self.dtype,
                                        chunks=(self.chunk, steps, features))
         self.pending: list[np.ndarray] = []
         self.n_pending = 0
 
     def add(self, x: np.ndarray) -> None:
-        self.pending.append(np.asarray(x, dtype=np.float32))
+        self.pending.append(np.asarray(x, dtype=self.dtype))
         self.n_pending += len(x)
         if self.n_pending >= self.chunk:
             self.flush(whole_chunks=True)
@@ -258,7 +350,7 @@ def _remove_stale_spools(where: Path, name: str) -> None:
 
 
 def _spool(batches: Iterator[np.ndarray], scratch: str | os.PathLike[str] | None,
-           kind: str) -> LazyInputs:
+           kind: str, dtype: str = "float32") -> LazyInputs:
     parent = Path(scratch).absolute().parent if scratch is not None else None
     name = Path(scratch).name if scratch is not None else "jacstream"
     where = parent if parent is not None and parent.is_dir() else Path(tempfile.gettempdir())
@@ -278,7 +370,7 @@ def _spool(batches: Iterator[np.ndarray], scratch: str | os.PathLike[str] | None
         if spool is None:
             _check(x, what)
             first = x.shape[1:]
-            spool = _Spool(tmp.name, *first)
+            spool = _Spool(tmp.name, first[0], first[1], dtype=dtype)
         elif x.shape[1:] != first:
             raise InputError(f"{what} has shape {x.shape}, but batch 0 had (steps, features) = "
                              f"{first}; every example must have the same length and features "
@@ -289,4 +381,4 @@ def _spool(batches: Iterator[np.ndarray], scratch: str | os.PathLike[str] | None
         tmp.cleanup()
         raise InputError(f"{kind} yielded no batches: there are no inputs to differentiate.")
     spool.flush()
-    return LazyInputs(spool.array, keep=tmp, source=kind)
+    return LazyInputs(spool.array, keep=tmp, source=kind, dtype=dtype)

@@ -9,6 +9,7 @@ the blocks, locally or on dask, and the run record.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ..store.sink import Sink
 from . import collector
 from .budget import default_memory_budget
 from .candidates import Candidates
-from .inputs import as_inputs
+from .inputs import Side, as_inputs, check_side, split_inputs
 from .record import run_record
 
 __all__ = ["Request", "run"]
@@ -49,6 +50,7 @@ class Request:
     in_chunk: int | None = None
     on_block: Callable[[Any], None] | None = None
     client: Any = None
+    wrt: Any = None
 
     @property
     def path(self) -> Path | None:
@@ -90,14 +92,14 @@ def run(model: Any, inputs: Any, req: Request, *, reduce_to: Any = None,
 
 def _run(model: Any, inputs: Any, req: Request, reduce_to: Any, blocks_to: Sink | None) -> Any:
     t_call, rss0 = time.perf_counter(), current_rss()
-    x = as_inputs(inputs, scratch=req.store)
+    model, x, side = _model_and_inputs(model, inputs, req)
     existing = None if reduce_to is not None else _existing_store(req)
     resuming = existing is not None and not req.overwrite
     fixed = existing.plan.strategy if resuming and existing is not None else (
         None if req.strategy == "auto" else req.strategy)
     if reduce_to is not None:
         fixed = _reverse_mode_strategy(fixed)
-    j = _identify(model, x, req, fixed, t_call, rss0)
+    j = _identify(model, x, req, fixed, t_call, rss0, side)
     if resuming and existing is not None:
         return _resume(j, model, existing, blocks_to)
     _new_plan(j, model, fixed)
@@ -119,6 +121,24 @@ def _model_output(m: Any) -> str:
         return ("(batch, features): one output step, stored as out_step 0 (the Jacobian's "
                 "axis 1 has length 1)")
     return "(batch, steps, features)"
+
+
+def _model_and_inputs(model: Any, inputs: Any, req: Request) -> tuple[Any, Any, Side | None]:
+    """The model as a function of the input differentiated, that input (in the model's
+    compute dtype), and the model's other inputs (None for a model of one input)."""
+    primary, side = split_inputs(inputs, req.wrt, model)
+    dtype = "float32"
+    if "keras" in sys.modules:   # else the model cannot be a Keras model: no TF import yet
+        from ..engine.models import compute_dtype
+
+        dtype = compute_dtype(model)
+    x = as_inputs(primary, scratch=req.store, dtype=dtype)
+    if side is None:
+        return model, x, None
+    side = check_side(side, int(x.shape[0]), dtype)
+    from ..engine.models import WithSide
+
+    return WithSide(model, side.wrt, side.arrays, side.order, side.form), x, side
 
 
 def _existing_store(req: Request) -> JobStore | None:
@@ -146,7 +166,7 @@ def _reverse_mode_strategy(fixed: str | None) -> str:
 
 
 def _identify(model: Any, x: Any, req: Request, fixed: str | None, t_call: float,
-              rss0: int) -> _Job:
+              rss0: int, side: Side | None = None) -> _Job:
     """The engine's checks of the model, its output length, causality and the job identity."""
     from ..engine import checks, devices, io
 
@@ -159,7 +179,7 @@ def _identify(model: Any, x: Any, req: Request, fixed: str | None, t_call: float
     from .identity import job_identity
 
     job = job_identity(io.fingerprint_model(model), x, (m.batch, m.t_in, m.f_in),
-                       (m.batch, t_out, m.f_out), steps, is_causal, req.dtype)
+                       (m.batch, t_out, m.f_out), steps, is_causal, req.dtype, side)
     cands.job = job
     return _Job(req, x, dev, m, cands, t_out, job, reason, t_call, rss0)
 

@@ -22,7 +22,7 @@ import numpy as np
 from ...errors import InputError, ModelError
 from ...planning import Block, Plan
 from .._tf import tf
-from ..models import step_outputs
+from ..models import WithSide, step_outputs
 
 __all__ = ["NO_GRADIENT", "BlockFunction", "Computed", "FunctionSpec"]
 
@@ -44,7 +44,8 @@ class FunctionSpec:
     ``static``: full-length inputs and blocks padded to ``static_block`` output
     steps (``static_idx`` output positions for blocks of input steps), for models
     that misbehave on a dynamic time axis. ``t_out``: output steps at full
-    length. ``notes``: why implementations were passed over.
+    length. ``notes``: why implementations were passed over. ``dtype``: what the
+    model computes in (its inputs and the Jacobian; the store may round it).
     """
 
     strategy: str
@@ -57,6 +58,7 @@ class FunctionSpec:
     static_idx: int = 0
     t_out: int = 0
     notes: tuple[str, ...] = ()
+    dtype: str = "float32"
 
     def for_plan(self, plan: Plan) -> FunctionSpec:
         """This spec with the block lengths of ``plan`` (used in static-shape mode)."""
@@ -96,12 +98,25 @@ class BlockFunction:
         self.call = call
         self.spec = spec
         self.traces = 0
-        sig = [tf.TensorSpec([None, None, spec.f_in], tf.float32),
+        self._examples: tuple[int, int] | None = None
+        sig = [tf.TensorSpec([None, None, spec.f_in], spec.dtype),
                tf.TensorSpec([None], tf.int32)]
         if self.axis == "in":
             sig += [tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)]
-        self._dynamic_fn = tf.function(self.body, input_signature=sig)
-        self._static_fn = tf.function(self.body, reduce_retracing=False)
+        # Side inputs (a model of several inputs) are traced arguments too, after the rest.
+        sig += [tf.TensorSpec([None, *v.shape[1:]], v.dtype) for v in self._side_rows(0, 1)]
+        self._dynamic_fn = tf.function(self._traced, input_signature=sig)
+        self._static_fn = tf.function(self._traced, reduce_retracing=False)
+
+    def _side_rows(self, e0: int, e1: int) -> tuple[np.ndarray, ...]:
+        return self.call.rows(e0, e1) if isinstance(self.call, WithSide) else ()
+
+    def _traced(self, x: tf.Tensor, idx: tf.Tensor, *rest: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        n_cols = 2 if self.axis == "in" else 0
+        if not isinstance(self.call, WithSide):
+            return self.body(x, idx, *rest)
+        with self.call.bound(rest[n_cols:]):
+            return self.body(x, idx, *rest[:n_cols])
 
     # -- what a strategy defines -------------------------------------------
     def body(self, x: tf.Tensor, idx: tf.Tensor, *cols: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -167,7 +182,11 @@ class BlockFunction:
         """Block ``block`` of ``plan`` on its inputs ``x``."""
         p0, p1 = block.positions
         idx = np.asarray(plan.out_steps[p0:p1], dtype=np.int32)
-        return self(x, idx, block.in_len, block.in_steps)
+        self._examples = block.examples   # whose side inputs go along (several inputs)
+        try:
+            return self(x, idx, block.in_len, block.in_steps)
+        finally:
+            self._examples = None
 
     def model_outputs(self, x: tf.Tensor, idx: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The outputs ``y[:, idx]`` and ``tf.shape(y)``, to be called inside a tape.
@@ -180,7 +199,11 @@ class BlockFunction:
 
     def __call__(self, x: np.ndarray, idx: np.ndarray, in_len: int | None = None,
                  in_steps: tuple[int, int] | None = None) -> Computed:
+        """The block's Jacobian. ``x`` holds the job's first ``len(x)`` examples, or those of
+        the block :meth:`compute` is computing (for the side inputs of several inputs)."""
         spec, k, full = self.spec, len(idx), x.shape[1]
+        e0, e1 = self._examples or (0, x.shape[0])
+        side = tuple(tf.convert_to_tensor(v) for v in self._side_rows(e0, e1))
         in_len = full if in_len is None else in_len
         idx = np.asarray(idx, dtype=np.int32)
         cols: tuple[int, ...] = ()
@@ -206,8 +229,9 @@ class BlockFunction:
             fn = self._dynamic_fn
         with tf.device(spec.device):
             # Offsets go in as tensors: Python ints would retrace the static function.
-            jac, yshape = fn(tf.convert_to_tensor(np.ascontiguousarray(x)),
-                             tf.convert_to_tensor(idx), *(tf.constant(v, tf.int32) for v in cols))
+            jac, yshape = fn(tf.convert_to_tensor(np.ascontiguousarray(x, dtype=spec.dtype)),
+                             tf.convert_to_tensor(idx), *(tf.constant(v, tf.int32) for v in cols),
+                             *side)
         out = jac.numpy()
         if spec.static:
             out = out[:, :k, :, skip:] if self.axis == "in" else out[:, :k, :, :in_len]

@@ -113,7 +113,7 @@ class Sensitivity(BlockFunction):
                 f"strategy='sensitivity' does not apply to this model: {e}. It needs "
                 "per-step layers around forward RNN layers that return sequences; use "
                 "strategy='auto' (or 'pfor', 'tile').") from None
-        self.dtype = tf.float32
+        self.dtype = tf.as_dtype(spec.dtype)
         self.batch_hint = 1           # examples the cost model plans for (run.candidates)
         self.setup_seconds = 0.0      # the last sweep's start: its forward pass
         self.swept_columns = 0        # (column, step) pairs carried by the sweeps
@@ -357,7 +357,7 @@ class _Sweep:
 
     def __init__(self, fn: Sensitivity, x: np.ndarray) -> None:
         t0 = time.perf_counter()
-        self.fn, self.x = fn, np.ascontiguousarray(x, dtype=np.float32)
+        self.fn, self.x = fn, np.ascontiguousarray(x, dtype=fn.spec.dtype)
         with tf.device(fn.device), grappler_off():
             us, ss, init, y = fn._forward_fn(tf.constant(self.x))
         self.us = [u.numpy() for u in us]
@@ -365,7 +365,7 @@ class _Sweep:
         self.init = [i.numpy()[:, None, :] for i in init]
         self.y = y.numpy()
         self.t_out = int(self.y.shape[1])
-        self.z = tf.zeros([self.x.shape[0], 0, fn.chain.state_size], tf.float32)
+        self.z = tf.zeros([self.x.shape[0], 0, fn.chain.state_size], fn.dtype)
         self.lo = 0          # first input step still carried in z
         self.t = 0           # next step to sweep
         self.pending: dict[int, tuple[int, np.ndarray]] = {}   # step -> (lo, its rows)
@@ -425,7 +425,7 @@ class _Sweep:
         """``J[:, idx, :, :in_len, :]`` of this slab, sweeping as far as needed."""
         fn = self.fn
         e = self.x.shape[0]
-        out = np.zeros((e, len(idx), fn.f_out, in_len, fn.f_in), np.float32)
+        out = np.zeros((e, len(idx), fn.f_out, in_len, fn.f_in), fn.spec.dtype)
         last = int(idx[-1])
         while self.t <= last:
             self._advance()

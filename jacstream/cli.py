@@ -7,7 +7,9 @@ a fraction of a second.
 
 Errors a user can fix (a missing file, a bad option, a store made for another
 job) print one line, ``jacstream: error: ...``, and exit with status 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. Messages name the command's flags
+(``--overwrite``), not the Python arguments the library's own say
+(``overwrite=True``): see :mod:`jacstream._wording`.
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ def _add_compute(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="run the blocks on the dask cluster whose scheduler is at ADDRESS "
                         "(e.g. tcp://10.0.0.5:8786); STORE must be on a filesystem every "
                         "worker sees at the same path")
-    p.set_defaults(func=_cmd_compute)
+    p.set_defaults(func=_cmd_compute, parser=p)
 
 
 def _add_info(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -201,7 +203,7 @@ def _add_info(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE", help="a store written by 'jacstream compute'")
     p.add_argument("--json", action="store_true",
                    help="print the store's metadata as JSON instead")
-    p.set_defaults(func=_cmd_info)
+    p.set_defaults(func=_cmd_info, parser=p)
 
 
 def _add_plot(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -227,7 +229,7 @@ def _add_plot(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--log", action="store_true", help="logarithmic colour scale")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="image file to write (default: heatmap.png or lag_profile.png)")
-    p.set_defaults(func=_cmd_plot)
+    p.set_defaults(func=_cmd_plot, parser=p)
 
 
 def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -252,7 +254,7 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="training epochs (default: 3)")
     p.add_argument("--memory-budget", default="1GiB", metavar="SIZE",
                    help="memory budget of the computation (default: 1GiB)")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, parser=p)
 
 
 # --------------------------------------------------------------------------- commands
@@ -261,6 +263,12 @@ def _cmd_compute(args: argparse.Namespace) -> int:
     from jacstream.run.inputs import as_inputs
 
     inputs = as_inputs(args.inputs)  # a bad path fails before the slow model load
+    from jacstream.engine.modelfile import check_model_file
+    from jacstream.run.progress import say, shown
+
+    check_model_file(args.model)  # a wrong path too: refused before TensorFlow is imported
+    if shown(not args.quiet):
+        say(f"loading the model {args.model!r} (and TensorFlow) ...")
     model = load_model(args.model, unsafe=args.unsafe)
     client = None
     if args.scheduler:
@@ -359,8 +367,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    from ._wording import cli_wording
+    from .run.progress import worded
+
+    def reword(text: str) -> str:
+        return cli_wording(text, args.parser)
+
     try:
-        return int(args.func(args))
+        with worded(reword):
+            return int(args.func(args))
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -369,11 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (JacstreamError, OSError) as e:
         if args.debug:
             raise
-        print(f"jacstream: error: {e}", file=sys.stderr)
+        print(f"jacstream: error: {reword(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:
         if args.debug:
             raise
-        print(f"jacstream: error: {type(e).__name__}: {first_line(e)} (run again "
+        print(f"jacstream: error: {type(e).__name__}: {reword(first_line(e))} (run again "
               "with --debug for the traceback)", file=sys.stderr)
         return EXIT_UNEXPECTED

@@ -159,7 +159,8 @@ def test_store_of_another_job_needs_overwrite(files, store, tmp_path, capsys):
     argv = ["compute", files["model"], files["npy"], other, "--block-size", "4", "-q"]
     code, _, err = run(*argv, "--out-steps", "0:6", capsys=capsys)
     assert code == 2
-    assert err.startswith("jacstream: error: the store") and "overwrite" in err
+    assert err.startswith("jacstream: error: the store") and "Pass --overwrite to replace" in err
+    assert "overwrite=True" not in err and "out_steps" not in err and "--out-steps:" in err
     assert "Traceback" not in err
     assert run(*argv, "--out-steps", "0:6", "--overwrite", capsys=capsys)[0] == 0
     assert jacstream.open(other).shape == (3, 6, 1, 12, 1)
@@ -184,6 +185,33 @@ def test_bad_input_is_one_line_on_stderr(files, argv, match, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jacstream: error: ")
     assert match in lines[0]
+
+
+def test_errors_name_the_commands_flags_not_python(files, store, tmp_path, capsys):
+    # The library's messages say overwrite=True, block_size=4, inputs[..., None] and
+    # jacstream.jacobian(); the command says its own flags and commands instead.
+    other = tmp_path / "jac.zarr"
+    shutil.copytree(store, other)
+    code, _, err = run("compute", files["model"], files["npy"], other, "--block-size", "6", "-q",
+                       capsys=capsys)
+    assert code == 2
+    assert ("is being written with --block-size 4, this call asks for --block-size 6. Resume "
+            "with the same --block-size (or leave it out), or pass --overwrite to start again."
+            in err)
+    np.save(tmp_path / "flat.npy", np.zeros((2, 5), "float32"))
+    code, _, err = run("compute", files["model"], tmp_path / "flat.npy", tmp_path / "o.zarr",
+                       capsys=capsys)
+    assert code == 2 and "inputs[..., None]" not in err
+    assert "save the array as x[..., None] (shape (batch, steps, 1))" in err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "f").write_text("x")
+    code, _, err = run("compute", files["model"], files["npy"], tmp_path / "junk", "-q",
+                       capsys=capsys)
+    assert code == 2 and f"STORE {str(tmp_path / 'junk')!r} is a directory" in err
+    assert "even with --overwrite" in err and "store=" not in err
+    code, _, err = run("info", tmp_path / "missing.zarr", capsys=capsys)
+    assert code == 2 and "compute one with 'jacstream compute'" in err
+    assert "jacstream.jacobian()" not in err
 
 
 def test_debug_shows_the_exception(files):

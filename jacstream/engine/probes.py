@@ -27,7 +27,7 @@ def probe_cost(fn: BlockFunction, x: np.ndarray, max_len: int = 512) -> CostMode
         return CostModel()
     if hasattr(fn, "cost_model"):    # a cost that follows from the shapes: nothing to probe
         return fn.cost_model()
-    with events.phase("probes"):
+    with events.phase("probes", fn.strategy):
         try:
             return _probe(fn, x, min(x.shape[1], max_len), 64)
         except ModelError:

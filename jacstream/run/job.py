@@ -24,6 +24,7 @@ from ..store.sink import Sink
 from .budget import default_memory_budget
 from .candidates import Candidates
 from .inputs import as_inputs
+from .progress import phase_lines
 from .record import run_record
 
 __all__ = ["Request", "run"]
@@ -81,8 +82,14 @@ def run(model: Any, inputs: Any, req: Request, *, reduce_to: Any = None,
     ``reduce_to``: a streaming reduction's sink (:class:`jacstream.analysis.streaming.
     ReductionSink`): then no store is made and its result is returned. ``blocks_to``:
     where blocks go instead of the store (a :class:`~jacstream.store.sink.NullSink`
-    for benchmarks); the store still holds the job's metadata and run record.
+    for benchmarks); the store still holds the job's metadata and run record. With
+    ``req.progress``, a line on stderr says what each phase before the blocks is doing.
     """
+    with phase_lines(req.progress):
+        return _run(model, inputs, req, reduce_to, blocks_to)
+
+
+def _run(model: Any, inputs: Any, req: Request, reduce_to: Any, blocks_to: Sink | None) -> Any:
     t_call, rss0 = time.perf_counter(), current_rss()
     x = as_inputs(inputs, scratch=req.store)
     existing = None if reduce_to is not None else _existing_store(req)

@@ -39,7 +39,8 @@ PHRASES = (
 # API arguments the command spells differently (dest of the command's option).
 ALIASES = {"client": "scheduler"}
 
-_ASSIGN = re.compile(r"\b([a-z][a-z_]*)=(True|False|'[^']*'|\"[^\"]*\"|[\w.:+-]+)?")
+_ASSIGN = re.compile(r"\b([a-z][a-z_]*)=(True|False|slice\([^)]*\)|'[^']*'|\"[^\"]*\"|[\w.:+-]+)?")
+_SLICE = re.compile(r"slice\(([^)]*)\)")
 _IDENT = re.compile(r"\b[a-z]+(?:_[a-z]+)+\b")   # block_size: an argument, never a word
 _QUOTED = re.compile(r"('[^']*'|\"[^\"]*\")")
 
@@ -60,6 +61,10 @@ def _assignment(m: re.Match[str], flags: dict[str, argparse.Action]) -> str:
     if value is None or action.nargs == 0:     # --overwrite, --unsafe: a switch
         return f"without {flag}" if value == "False" else flag
     value = value.strip("'\"")
+    sl = _SLICE.fullmatch(value)
+    if sl:      # slice(100, 200, None): the command's 100:200
+        parts = ["" if v.strip() == "None" else v.strip() for v in sl.group(1).split(",")]
+        value = ":".join(parts[:2]) + (f":{parts[2]}" if len(parts) > 2 and parts[2] else "")
     return f"{flag} {value.lower() if value in ('True', 'False') else value}"
 
 

@@ -112,8 +112,9 @@ def heatmap(J: Any, example: int = 0, out_feature: int = 0, in_feature: int = 0,
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise InputError(f"max_pixels must be a positive int; got {max_pixels!r}.")
     if max_lag is not None and in_steps is not None:
-        raise InputError("in_steps= and max_lag= both choose the input steps to draw (max_lag "
-                         "draws t1 - max_lag..t1 for each output step t1): pass one of them.")
+        raise InputError("in_steps= and max_lag= both choose the input steps to draw "
+                         "(max_lag=L draws the input steps t1 - L..t1 of each output step "
+                         "t1): pass one of them.")
     source = as_source(J)
     lay = source.layout
     window = _out_window(lay.out_steps, out_steps)

@@ -411,10 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with worded(reword):
             return int(args.func(args))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print("jacstream: interrupted", file=sys.stderr)
+        if not getattr(e, "jacstream_said", False):   # the run said how it stands already
+            print("jacstream: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (JacstreamError, OSError) as e:
         if args.debug:

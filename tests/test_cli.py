@@ -296,6 +296,33 @@ def test_subprocess_compute_info_and_error(files, tmp_path):
         "Pass a .npy file or a zarr array (a directory)."]
 
 
+def test_ctrl_c_says_how_to_resume_with_the_command(files, tmp_path):
+    import signal
+    import time
+
+    x = np.random.default_rng(1).normal(size=(2, 300, 1)).astype("float32")
+    np.save(tmp_path / "long.npy", x)
+    store = tmp_path / "j.zarr"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen([sys.executable, "-m", "jacstream", "compute", str(files["model"]),
+                          str(tmp_path / "long.npy"), str(store), "--block-size", "2",
+                          "--strategy", "tile", "-q"], env=env, stderr=subprocess.PIPE,
+                         text=True)
+    done = store / "jacstream_blocks"
+    while not (done.is_dir() and any(done.iterdir())):
+        assert p.poll() is None, p.stderr.read()[-2000:] if p.stderr else ""
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("jacstream:")]
+    assert len(lines) == 1, err          # said once, in the command's words
+    assert lines[0].startswith("jacstream: interrupted; ")
+    assert " of 150 blocks are safely in " in lines[0]
+    assert lines[0].endswith("Run the same 'jacstream compute' command again to resume.")
+    assert 1 <= jacstream.open(store).blocks_done < 150
+
+
 @pytest.mark.parametrize(("flags", "progress"), [([], True), (["-q"], False),
                                                   (["--quiet"], False)])
 def test_quiet_turns_the_progress_bar_off(files, tmp_path, monkeypatch, flags, progress):

@@ -17,7 +17,8 @@ MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 def check_model_file(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a Path, if it names a Keras model file; else an InputError saying how to save one."""
+    """``path`` as a Path if it names a Keras model file; else an InputError saying how to
+    save one."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"model: no such file: {str(p)!r}. Pass a model saved with "

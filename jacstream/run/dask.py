@@ -39,7 +39,7 @@ from ..errors import BudgetError, ClusterError, InputError, StoreError
 from ..planning import Block, Plan, format_bytes
 from ..store.jobstore import DONE_DIR, JobStore
 from .blocks import RunStats
-from .progress import BlockBar, say
+from .progress import BlockBar, say_interrupted
 from .worker import run_block
 
 __all__ = ["ClusterError", "DaskRunStats", "check_client", "connect", "default_worker_budget",
@@ -286,10 +286,10 @@ def _collect(client: Any, remaining: dict[str, Any], stats: DaskRunStats, store:
     except BaseException as exc:
         client.cancel(list(remaining.values()))
         if isinstance(exc, KeyboardInterrupt):
-            say(f"interrupted; {len(store.done_blocks())} of {plan.n_blocks} blocks are safely "
-                f"in {str(store.path)!r}. Call jacstream.jacobian() again with the same "
-                "arguments (with or without client=) to resume. Blocks already running on "
-                "workers finish and are kept.", new_line=True)
+            say_interrupted(exc, f"{len(store.done_blocks())} of {plan.n_blocks} blocks are "
+                            f"safely in {str(store.path)!r}. Call jacstream.jacobian() again "
+                            "with the same arguments (with or without client=) to resume. "
+                            "Blocks already running on workers finish and are kept.")
         raise
     finally:
         bar.close()

@@ -25,7 +25,7 @@ from .._memory import release_free_memory_above
 from ..planning import Block, Plan
 from ..store.sink import Sink
 from .blocks import Computed, RunStats, checked_blocks
-from .progress import BlockBar, say
+from .progress import BlockBar, say_interrupted
 
 __all__ = ["RunStats", "run_local"]
 
@@ -116,11 +116,11 @@ def run_local(plan: Plan, store: Sink, inputs: Any, fn: Any, *, progress: bool =
                 # estimate, give the free part back.
                 release_free_memory_above(trim_above)
                 ctrl_c.check()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         writer.close()
-        say(f"interrupted; {len(store.done_blocks())} of {plan.n_blocks} blocks are safely in "
-            f"{str(store.path)!r}. Call jacstream.jacobian() again with the same arguments to "
-            "resume.", new_line=True)
+        say_interrupted(e, f"{len(store.done_blocks())} of {plan.n_blocks} blocks are safely in "
+                        f"{str(store.path)!r}. Call jacstream.jacobian() again with the same "
+                        "arguments to resume.")
         raise
     except BaseException:
         writer.close()

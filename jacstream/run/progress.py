@@ -29,7 +29,7 @@ from .. import events
 from ..planning import Block, Plan
 from ..planning.choice import block_work
 
-__all__ = ["PHASE_TEXT", "BlockBar", "phase_lines", "say", "shown", "worded"]
+__all__ = ["PHASE_TEXT", "BlockBar", "phase_lines", "say", "say_interrupted", "shown", "worded"]
 
 # What each phase of :data:`jacstream.events.PHASES` is doing, for a person watching.
 PHASE_TEXT = {
@@ -61,6 +61,13 @@ def say(text: str, *, new_line: bool = False) -> None:
     for reword in _WORDING[-1:]:
         text = reword(text)
     print(f"{chr(10) if new_line else ''}jacstream: {text}", file=sys.stderr, flush=True)
+
+
+def say_interrupted(e: KeyboardInterrupt, text: str) -> None:
+    """Say how an interrupted run stands (always: it says how to resume), once: ``e`` is
+    marked, so a front end that catches it does not say "interrupted" again."""
+    say(f"interrupted; {text}", new_line=True)
+    e.jacstream_said = True  # type: ignore[attr-defined]
 
 
 def shown(progress: bool) -> bool:

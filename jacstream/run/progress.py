@@ -60,7 +60,8 @@ def say(text: str, *, new_line: bool = False) -> None:
     may be on the current one)."""
     for reword in _WORDING[-1:]:
         text = reword(text)
-    print(f"{chr(10) if new_line else ''}jacstream: {text}", file=sys.stderr, flush=True)
+    start = "\n" if new_line else ""
+    print(f"{start}jacstream: {text}", file=sys.stderr, flush=True)
 
 
 def say_interrupted(e: KeyboardInterrupt, text: str) -> None:

@@ -7,7 +7,9 @@ a fraction of a second.
 
 Errors a user can fix (a missing file, a bad option, a store made for another
 job) print one line, ``jacstream: error: ...``, and exit with status 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. Messages name the command's flags
+(``--overwrite``), not the Python arguments the library's own say
+(``overwrite=True``): see :mod:`jacstream._wording`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ._version import __version__
 from .errors import JacstreamError, first_line
 from .planning import DTYPES
 
-__all__ = ["build_parser", "load_model", "main", "parse_out_steps"]
+__all__ = ["build_parser", "load_model", "main", "parse_out_steps", "parse_step_range"]
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -76,6 +78,25 @@ def parse_out_steps(text: str) -> None | int | slice | list[int]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a set of output steps: use 'all', one step ('10', '-1' for the "
             "last), a slice ('0:100', '::10') or a comma list ('100,1000,1999').") from None
+
+
+def parse_step_range(text: str) -> slice:
+    """Parse a window of steps for ``jacstream plot``: ``100:200``, ``:50``, ``1500:``.
+
+    Examples
+    --------
+    >>> parse_step_range("100:200")
+    slice(100, 200, None)
+    """
+    parts = text.strip().replace(" ", "").split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return slice(*(int(p) if p else None for p in parts))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a range of steps: use START:STOP, e.g. '100:200' (steps 100..199), "
+            "':50' or '1500:'.") from None
 
 
 def _positive_int(text: str) -> int:
@@ -187,7 +208,7 @@ def _add_compute(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="run the blocks on the dask cluster whose scheduler is at ADDRESS "
                         "(e.g. tcp://10.0.0.5:8786); STORE must be on a filesystem every "
                         "worker sees at the same path")
-    p.set_defaults(func=_cmd_compute)
+    p.set_defaults(func=_cmd_compute, parser=p)
 
 
 def _add_info(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -202,7 +223,7 @@ def _add_info(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE", help="a store written by 'jacstream compute'")
     p.add_argument("--json", action="store_true",
                    help="print the store's metadata as JSON instead")
-    p.set_defaults(func=_cmd_info)
+    p.set_defaults(func=_cmd_info, parser=p)
 
 
 def _add_plot(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -215,6 +236,8 @@ def _add_plot(sub: Any, common: argparse.ArgumentParser) -> None:
                     "the lag\nt1 - t2.",
         epilog="examples:\n"
                "  jacstream plot jac.zarr --kind heatmap --log -o heatmap.png\n"
+               "  jacstream plot jac.zarr --out-steps 1000:1200 --in-steps 900:1200 --log\n"
+               "  jacstream plot jac.zarr --max-lag 50 --log -o band.png\n"
                "  jacstream plot jac.zarr --kind lag -o lag.png\n")
     p.add_argument("store", metavar="STORE", help="a store written by 'jacstream compute'")
     p.add_argument("--kind", choices=("heatmap", "lag"), default="heatmap",
@@ -225,10 +248,19 @@ def _add_plot(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="output feature (default: 0)")
     p.add_argument("--in-feature", type=_nonnegative_int, default=0, metavar="F",
                    help="input feature (default: 0)")
+    p.add_argument("--out-steps", type=parse_step_range, metavar="START:STOP",
+                   help="heatmap: only these output steps, e.g. 1000:1200 (reads only "
+                        "their chunks)")
+    p.add_argument("--in-steps", type=parse_step_range, metavar="START:STOP",
+                   help="heatmap: only these input steps, e.g. 900:1200")
+    p.add_argument("--max-lag", type=_nonnegative_int, metavar="L",
+                   help="heatmap: output step against lag t1 - t2 = 0..L, the band along the "
+                        "diagonal (reads only the input steps within L of each output step); "
+                        "lag: draw lags up to L")
     p.add_argument("--log", action="store_true", help="logarithmic colour scale")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="image file to write (default: heatmap.png or lag_profile.png)")
-    p.set_defaults(func=_cmd_plot)
+    p.set_defaults(func=_cmd_plot, parser=p)
 
 
 def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -253,7 +285,7 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="training epochs (default: 3)")
     p.add_argument("--memory-budget", default="1GiB", metavar="SIZE",
                    help="memory budget of the computation (default: 1GiB)")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, parser=p)
 
 
 # --------------------------------------------------------------------------- commands
@@ -262,6 +294,12 @@ def _cmd_compute(args: argparse.Namespace) -> int:
     from jacstream.run.inputs import as_inputs
 
     inputs = as_inputs(args.inputs)  # a bad path fails before the slow model load
+    from jacstream.engine.modelfile import check_model_file
+    from jacstream.run.progress import say, shown
+
+    check_model_file(args.model)  # a wrong path too: refused before TensorFlow is imported
+    if shown(not args.quiet):
+        say(f"loading the model {args.model!r} (and TensorFlow) ...")
     model = load_model(args.model, unsafe=args.unsafe)
     client = None
     if args.scheduler:
@@ -316,9 +354,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     out = args.output or ("heatmap.png" if args.kind == "heatmap" else "lag_profile.png")
     if args.kind == "heatmap":
         plot.heatmap(result, example=args.example, out_feature=args.out_feature,
-                     in_feature=args.in_feature, log=args.log, path=out)
+                     in_feature=args.in_feature, log=args.log, path=out,
+                     out_steps=args.out_steps, in_steps=args.in_steps, max_lag=args.max_lag)
     else:
-        plot.lag_profile(result, path=out)
+        if args.out_steps is not None or args.in_steps is not None:
+            raise jacstream.errors.InputError(
+                "--out-steps and --in-steps choose a window of a heatmap; the lag profile "
+                "averages over every step. Use --kind heatmap (or --max-lag with --kind lag).")
+        plot.lag_profile(result, path=out, max_lag=args.max_lag)
     if not args.quiet:
         print(f"wrote {out}")
     return EXIT_OK
@@ -360,21 +403,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    from ._wording import cli_wording
+    from .run.progress import worded
+
+    def reword(text: str) -> str:
+        return cli_wording(text, args.parser)
+
     try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
+        with worded(reword):
+            return int(args.func(args))
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print("jacstream: interrupted", file=sys.stderr)
+        if not getattr(e, "jacstream_said", False):   # the run said how it stands already
+            print("jacstream: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (JacstreamError, OSError) as e:
         if args.debug:
             raise
-        print(f"jacstream: error: {e}", file=sys.stderr)
+        print(f"jacstream: error: {reword(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:
         if args.debug:
             raise
-        print(f"jacstream: error: {type(e).__name__}: {first_line(e)} (run again "
+        print(f"jacstream: error: {type(e).__name__}: {reword(first_line(e))} (run again "
               "with --debug for the traceback)", file=sys.stderr)
         return EXIT_UNEXPECTED

@@ -4,9 +4,11 @@ A phase is a named stretch of one :func:`jacstream.jacobian` call: ``checks``
 (the eager model checks), ``detect_causal``, ``build`` (tracing and validating
 one strategy's block function), ``probes`` (memory probes), ``trial`` (a block
 timed by the strategy trial) and ``blocks`` (the run's own blocks). Listeners
-get ``(phase, seconds)`` once each phase ends; with none, a phase costs one
-``perf_counter`` call. ``benchmarks/phases.py`` listens instead of patching
-jacstream's functions.
+get ``(phase, seconds)`` once each phase ends, and start listeners
+``(phase, detail)`` as it begins (``detail``: e.g. the strategy being traced);
+with none, a phase costs one ``perf_counter`` call. ``benchmarks/phases.py``
+listens instead of patching jacstream's functions; the progress display
+(:mod:`jacstream.run.progress`) says what is happening before the first block.
 
 Examples
 --------
@@ -30,22 +32,37 @@ __all__ = ["PHASES", "listen", "phase"]
 PHASES = ("checks", "detect_causal", "build", "probes", "trial", "blocks")
 
 Listener = Callable[[str, float], None]
+StartListener = Callable[[str, str], None]
 _LISTENERS: list[Listener] = []
+_STARTS: list[StartListener] = []
 
 
 @contextlib.contextmanager
-def listen(listener: Listener) -> Iterator[Listener]:
-    """Inside ``with``: call ``listener(phase, seconds)`` at the end of every phase."""
-    _LISTENERS.append(listener)
+def listen(listener: Listener | None = None, *,
+           on_start: StartListener | None = None) -> Iterator[Listener | None]:
+    """Inside ``with``: call ``listener(phase, seconds)`` at the end of every phase, and
+    ``on_start(phase, detail)`` at its beginning."""
+    if listener is not None:
+        _LISTENERS.append(listener)
+    if on_start is not None:
+        _STARTS.append(on_start)
     try:
         yield listener
     finally:
-        _LISTENERS.remove(listener)
+        if listener is not None:
+            _LISTENERS.remove(listener)
+        if on_start is not None:
+            _STARTS.remove(on_start)
 
 
 @contextlib.contextmanager
-def phase(name: str) -> Iterator[None]:
-    """Time the ``with`` block as phase ``name`` (one of :data:`PHASES`) for the listeners."""
+def phase(name: str, detail: str = "") -> Iterator[None]:
+    """Time the ``with`` block as phase ``name`` (one of :data:`PHASES`) for the listeners.
+
+    ``detail`` says more to the start listeners (which strategy, how many blocks).
+    """
+    for start in list(_STARTS):
+        start(name, detail)
     t0 = time.perf_counter()
     try:
         yield

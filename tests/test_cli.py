@@ -168,7 +168,8 @@ def test_store_of_another_job_needs_overwrite(files, store, tmp_path, capsys):
     argv = ["compute", files["model"], files["npy"], other, "--block-size", "4", "-q"]
     code, _, err = run(*argv, "--out-steps", "0:6", capsys=capsys)
     assert code == 2
-    assert err.startswith("jacstream: error: the store") and "overwrite" in err
+    assert err.startswith("jacstream: error: the store") and "Pass --overwrite to replace" in err
+    assert "overwrite=True" not in err and "out_steps" not in err and "--out-steps:" in err
     assert "Traceback" not in err
     assert run(*argv, "--out-steps", "0:6", "--overwrite", capsys=capsys)[0] == 0
     assert jacstream.open(other).shape == (3, 6, 1, 12, 1)
@@ -193,6 +194,33 @@ def test_bad_input_is_one_line_on_stderr(files, argv, match, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jacstream: error: ")
     assert match in lines[0]
+
+
+def test_errors_name_the_commands_flags_not_python(files, store, tmp_path, capsys):
+    # The library's messages say overwrite=True, block_size=4, inputs[..., None] and
+    # jacstream.jacobian(); the command says its own flags and commands instead.
+    other = tmp_path / "jac.zarr"
+    shutil.copytree(store, other)
+    code, _, err = run("compute", files["model"], files["npy"], other, "--block-size", "6", "-q",
+                       capsys=capsys)
+    assert code == 2
+    assert ("is being written with --block-size 4, this call asks for --block-size 6. Resume "
+            "with the same --block-size (or leave it out), or pass --overwrite to start again."
+            in err)
+    np.save(tmp_path / "flat.npy", np.zeros((2, 5), "float32"))
+    code, _, err = run("compute", files["model"], tmp_path / "flat.npy", tmp_path / "o.zarr",
+                       capsys=capsys)
+    assert code == 2 and "inputs[..., None]" not in err
+    assert "save the array as x[..., None] (shape (batch, steps, 1))" in err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "f").write_text("x")
+    code, _, err = run("compute", files["model"], files["npy"], tmp_path / "junk", "-q",
+                       capsys=capsys)
+    assert code == 2 and f"STORE {str(tmp_path / 'junk')!r} is a directory" in err
+    assert "even with --overwrite" in err and "store=" not in err
+    code, _, err = run("info", tmp_path / "missing.zarr", capsys=capsys)
+    assert code == 2 and "compute one with 'jacstream compute'" in err
+    assert "jacstream.jacobian()" not in err
 
 
 def test_debug_shows_the_exception(files):
@@ -275,6 +303,33 @@ def test_subprocess_compute_info_and_error(files, tmp_path):
     assert p.stderr.strip().splitlines() == [
         f"jacstream: error: inputs: no such file or directory: {str(tmp_path / 'nope.npy')!r}. "
         "Pass a .npy file or a zarr array (a directory)."]
+
+
+def test_ctrl_c_says_how_to_resume_with_the_command(files, tmp_path):
+    import signal
+    import time
+
+    x = np.random.default_rng(1).normal(size=(2, 300, 1)).astype("float32")
+    np.save(tmp_path / "long.npy", x)
+    store = tmp_path / "j.zarr"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen([sys.executable, "-m", "jacstream", "compute", str(files["model"]),
+                          str(tmp_path / "long.npy"), str(store), "--block-size", "2",
+                          "--strategy", "tile", "-q"], env=env, stderr=subprocess.PIPE,
+                         text=True)
+    done = store / "jacstream_blocks"
+    while not (done.is_dir() and any(done.iterdir())):
+        assert p.poll() is None, p.stderr.read()[-2000:] if p.stderr else ""
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("jacstream:")]
+    assert len(lines) == 1, err          # said once, in the command's words
+    assert lines[0].startswith("jacstream: interrupted; ")
+    assert " of 150 blocks are safely in " in lines[0]
+    assert lines[0].endswith("Run the same 'jacstream compute' command again to resume.")
+    assert 1 <= jacstream.open(store).blocks_done < 150
 
 
 @pytest.mark.parametrize(("flags", "progress"), [([], True), (["-q"], False),

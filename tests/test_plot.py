@@ -150,3 +150,133 @@ def test_plots_leave_no_pyplot_figures_open():
     plot.heatmap(decaying(10, batch=1))
     plot.lag_profile(decaying(10, batch=1))
     assert plt.get_fignums() == before
+
+
+# --------------------------------------------------------------------------- zoom
+def test_heatmap_zooms_on_a_window_of_steps(out_dir):
+    J = decaying(60, batch=2, f_in=2)
+    fig = plot.heatmap(J, example=1, in_feature=1, out_steps=slice(20, 35),
+                       in_steps=slice(10, 30), path=out_dir / "zoom.png")
+    np.testing.assert_allclose(image_of(fig), np.abs(J[1, 20:35, 0, 10:30, 1]), rtol=1e-6)
+    ax = fig.axes[0]
+    assert ax.get_xlim() == (9.5, 29.5) and ax.get_ylim() == (19.5, 34.5)
+    assert "output steps 20..34, input steps 10..29" in ax.get_title()
+    # windows larger than max_pixels are aggregated within the window
+    fig = plot.heatmap(J, out_steps=slice(10, 50), in_steps=slice(0, 40), max_pixels=10)
+    A = np.abs(J[0, 10:50, 0, 0:40, 0]).astype(np.float64)
+    s = np.arange(0, 40, 4)
+    want = np.maximum.reduceat(np.maximum.reduceat(A, s, axis=0), s, axis=1)
+    np.testing.assert_allclose(image_of(fig), want, rtol=1e-6)
+
+
+def test_heatmap_by_lag_shows_the_band_along_the_diagonal(out_dir):
+    T, L = 40, 6
+    J = decaying(T, batch=1)
+    J[0, 2, 0, 0, 0] = 0.0       # an exact zero inside the band: grey on a log scale
+    fig = plot.heatmap(J, max_lag=L, log=True, path=out_dir / "lags_map.png")
+    ax = fig.axes[0]
+    img, white = ax.images
+    want = np.full((T, L + 1), np.nan)
+    for t1 in range(T):
+        for lag in range(min(L, t1) + 1):
+            want[t1, lag] = abs(J[0, t1, 0, t1 - lag, 0])
+    got = np.ma.asarray(img.get_array())
+    np.testing.assert_allclose(got.filled(np.nan), np.where(want > 0, want, np.nan), rtol=1e-6)
+    assert got.mask[2, 2] and got[3, 3] > 0            # the zero at (2, lag 2) is grey
+    # cells with no input step (t1 - lag < 0) are white, and only those
+    assert np.array_equal(~np.ma.getmaskarray(white.get_array()), np.isnan(want))
+    assert ax.get_xlabel() == "lag t1 - t2" and ax.get_xlim() == (-0.5, L + 0.5)
+    assert "lags 0..6" in ax.get_title() and "grey: exactly 0" in fig.axes[1].get_ylabel()
+    # with a window of output steps, and signed
+    fig = plot.heatmap(J, out_steps=slice(30, None), max_lag=L, absolute=False)
+    np.testing.assert_allclose(image_of_first(fig), want[30:] * np.sign(
+        [[J[0, t1, 0, t1 - lag, 0] for lag in range(L + 1)] for t1 in range(30, T)]), rtol=1e-6)
+
+
+def image_of_first(fig) -> np.ndarray:
+    return np.ma.asarray(fig.axes[0].images[0].get_array()).filled(np.nan)
+
+
+def test_zoom_rejects_bad_windows():
+    J = decaying(20, batch=1)
+    with pytest.raises(InputError, match="selects no output step"):
+        plot.heatmap(J, out_steps=slice(30, 40))
+    with pytest.raises(InputError, match="selects no input step"):
+        plot.heatmap(J, in_steps=slice(5, 5))
+    with pytest.raises(InputError, match="pass one of them"):
+        plot.heatmap(J, in_steps=slice(0, 5), max_lag=3)
+    with pytest.raises(InputError, match="max_lag must be an int >= 0"):
+        plot.heatmap(J, max_lag=-1)
+
+
+def _corrupt_chunks_outside(store: Path, keep) -> int:
+    """Overwrite every stored chunk of the Jacobian whose (out, in) chunk indices ``keep``
+    rejects with bytes zarr cannot decode; the number of chunks corrupted."""
+    n = 0
+    for f in (store / "jacobian" / "c").rglob("*"):
+        if f.is_file():
+            e, p, f1, t, f2 = (int(i) for i in f.relative_to(store / "jacobian" / "c").parts)
+            if not keep(p, t):
+                f.write_bytes(b"not a chunk")
+                n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def chunked_store(tmp_path_factory):
+    """A real causal store, T=24, chunks of 4 output steps x 4 input steps; and its values."""
+    import keras
+
+    import jacstream
+
+    keras.utils.set_random_seed(8)
+    model = keras.Sequential([keras.Input((None, 1)), keras.layers.LSTM(3, return_sequences=True),
+                              keras.layers.Dense(1)])
+    x = np.random.default_rng(8).normal(size=(2, 24, 1)).astype("float32")
+    path = tmp_path_factory.mktemp("zoom") / "j.zarr"
+    J = jacstream.jacobian(model, x, path, block_size=4, in_chunk=4, progress=False)
+    assert J.array.chunks == (2, 4, 1, 4, 1)
+    return path, J[...]
+
+
+def test_zoomed_plots_read_only_the_chunks_in_the_window(chunked_store, tmp_path):
+    import shutil
+
+    import jacstream
+    from jacstream.cli import main
+
+    src, values = chunked_store
+    store = tmp_path / "j.zarr"
+    shutil.copytree(src, store)
+    # Output steps 8..15 are chunks 2, 3; input steps 4..11 chunks 1, 2. Lags 0..5 of
+    # output steps 16..23 (chunks 4, 5) need input steps 11..23: chunks 2..5.
+    assert _corrupt_chunks_outside(store, lambda p, t: (p in (2, 3) and t in (1, 2))
+                                   or (p in (4, 5) and t >= 2)) == 10
+    J = jacstream.open(store)
+    with pytest.raises(RuntimeError):   # what was corrupted is really unreadable (zarr decode)
+        plot.heatmap(J)
+    fig = plot.heatmap(J, out_steps=slice(8, 16), in_steps=slice(4, 12))
+    np.testing.assert_allclose(image_of(fig), np.abs(values[0, 8:16, 0, 4:12, 0]), rtol=1e-6)
+    fig = plot.heatmap(J, out_steps=slice(16, 24), max_lag=5)
+    want = [[abs(values[0, t1, 0, t1 - lag, 0]) for lag in range(6)] for t1 in range(16, 24)]
+    np.testing.assert_allclose(image_of_first(fig), want, rtol=1e-6)
+    # the same through the command line
+    for flags, name in ((["--out-steps", "8:16", "--in-steps", "4:12"], "window.png"),
+                        (["--out-steps", "16:", "--max-lag", "5", "--log"], "band.png")):
+        assert main(["plot", str(store), *flags, "-o", str(tmp_path / name), "-q"]) == 0
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_zoom_errors_name_the_flags(chunked_store, tmp_path, capsys):
+    from jacstream.cli import main
+
+    store = chunked_store[0]
+    cases = [(["--in-steps", "0:5", "--max-lag", "3"], "--in-steps and --max-lag both choose"),
+             (["--out-steps", "30:40"], "--out-steps 30:40 selects no output step"),
+             (["--kind", "lag", "--out-steps", "0:5"], "Use --kind heatmap"),
+             (["--in-steps", "5"], "is not a range of steps")]
+    for flags, match in cases:
+        code = main(["plot", str(store), *flags, "-o", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and match in err, err
+        assert len(err.strip().splitlines()) == 1 or "usage:" in err

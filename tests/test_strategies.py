@@ -441,6 +441,27 @@ def test_cudnn_rewrite_runs_on_cpu_with_equal_outputs(rnn_zoo):
     assert not any("no cuDNN" in r for r in default.rewritten)
 
 
+def test_masked_model_with_a_pointwise_head_is_exact_and_silent(tmp_path):
+    # Masking -> LSTM -> TimeDistributed(Dense): jacstream's own pointwise head (the
+    # TimeDistributed rewrite) passes the mask on, so Keras has nothing to warn about.
+    import warnings
+
+    import keras
+
+    keras.utils.set_random_seed(21)
+    inp = keras.Input((10, 1))
+    h = keras.layers.LSTM(4, return_sequences=True)(keras.layers.Masking(0.0)(inp))
+    model = keras.Model(inp, keras.layers.TimeDistributed(keras.layers.Dense(2))(h))
+    x = np.random.default_rng(21).normal(size=(2, 10, 1)).astype("float32")
+    x[1, 6:] = 0.0    # a padded tail: masked steps
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="tile", progress=False)
+    assert [str(w.message) for w in seen] == []
+    assert J.attrs["model_rewrites"] == ["TimeDistributed(time_distributed)"]
+    assert_jacobian_close(J[...], reference_jacobian(model, x), "masked, pointwise head")
+
+
 def test_jacobian_on_named_cpu_device(rnn_zoo, tmp_path):
     x = np.random.default_rng(13).normal(size=(2, 9, 2)).astype("float32")
     J = jacstream.jacobian(rnn_zoo, x, tmp_path / "j.zarr", device="/device:CPU:0",

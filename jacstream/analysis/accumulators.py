@@ -11,12 +11,12 @@ import numpy as np
 
 from ..errors import InputError, check_choice
 from .source import Accumulator, Layout
-from .windows import Op, bin_axis, make_axis
+from .windows import Axis, Op, bin_axis, make_axis
 
 if TYPE_CHECKING:
     import xarray
 
-__all__ = ["FeatureImportance", "LagProfile", "Map", "TopK", "WindowSum"]
+__all__ = ["FeatureImportance", "LagMap", "LagProfile", "Map", "TopK", "WindowSum"]
 
 
 def _examples(example: int | None, batch: int) -> tuple[int, int]:
@@ -40,6 +40,22 @@ def _feature(f: int | None, n: int, name: str) -> slice:
                          f"{f!r}.")
     f = int(f) % n
     return slice(f, f + 1)
+
+
+def _bins(bins: Any) -> tuple[int | None, int | None]:
+    """Pixels of ``bins``: None, one positive int, or a pair (rows, columns)."""
+    pair = (bins, bins) if not isinstance(bins, tuple) else bins
+    for b in pair:
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, np.integer))
+                              or b < 1):
+            raise InputError(f"bins must be None, a positive int or a pair of them (output "
+                             f"steps, input steps) per pixel; got {bins!r}.")
+    return pair[0], pair[1]
+
+
+def _window_axis(b: int | None, lo: int, hi: int) -> Axis:
+    """Indices ``[lo, hi)`` of an axis, in consecutive windows of ``b`` (kept if None or 1)."""
+    return Axis(lo, hi, np.append(np.arange(lo, hi, int(b or 1)), hi))
 
 
 def _prepare(data: np.ndarray, absolute: bool) -> np.ndarray:
@@ -113,27 +129,25 @@ class WindowSum(Accumulator):
 
 class Map(Accumulator):
     """An (output step x input step) map: features reduced, optionally binned, per example
-    or averaged over examples."""
+    or averaged over examples; of every step, or of a window (``out_window``: output
+    positions ``[a, b)``, ``in_window``: input steps), of which only the window is read."""
 
     def __init__(self, layout: Layout, reduce: str = "sum", absolute: bool = True,
                  example: int | None = None, out_feature: int | None = None,
-                 in_feature: int | None = None, bins: Any = None) -> None:
+                 in_feature: int | None = None, bins: Any = None,
+                 out_window: tuple[int, int] | None = None,
+                 in_window: tuple[int, int] | None = None) -> None:
         check_choice("reduce", reduce, ("sum", "max", "extreme"))
         self.layout, self.absolute, self.example = layout, bool(absolute), example
         self.op = Op(reduce)
         self.f1 = _feature(out_feature, layout.f_out, "out_feature")
         self.f2 = _feature(in_feature, layout.f_in, "in_feature")
-        bo, bi = (bins, bins) if not isinstance(bins, tuple) else bins
-        for b in (bo, bi):
-            if b is not None and (isinstance(b, bool) or not isinstance(b, (int, np.integer))
-                                  or b < 1):
-                raise InputError(f"bins must be None, a positive int or a pair of them (output "
-                                 f"steps, input steps) per pixel; got {bins!r}.")
-        self.ax_out = make_axis(bo, layout.n_out, "bins")
-        self.ax_in = make_axis(bi, layout.t_in, "bins")
+        bo, bi = _bins(bins)
+        self.positions = out_window or (0, layout.n_out)
+        self.steps = in_window or (0, layout.t_in)
+        self.ax_out = _window_axis(bo, *self.positions)
+        self.ax_in = _window_axis(bi, *self.steps)
         self.examples = _examples(example, layout.batch)
-        self.positions = (0, layout.n_out)
-        self.steps = (0, layout.t_in)
         # A window's max is final only when all its rows are in one slab; sums add up.
         self.align = 1 if reduce == "sum" else int(bo or 1)
         # Entries past a slab's end are zero: a signed max over a window that reaches
@@ -142,17 +156,18 @@ class Map(Accumulator):
         self.acc = np.zeros((self.ax_out.n, self.ax_in.n))
 
     def update(self, e0: int, p0: int, t0: int, data: np.ndarray) -> None:
-        if t0 != 0:
-            raise InputError(f"an influence map reads every input step; got a slab from step {t0}.")
+        if t0 != self.steps[0]:
+            raise InputError(f"an influence map reads every input step of its window from "
+                             f"{self.steps[0]}; got a slab from step {t0}.")
         v = self.op.reduce(_prepare(data[:, :, self.f1, :, self.f2], self.absolute), (2, 4))
         width = v.shape[2]
-        ji, v = bin_axis(v, 2, 0, self.ax_in, self.op)           # (e, k, windows touched)
+        ji, v = bin_axis(v, 2, t0, self.ax_in, self.op)          # (e, k, windows touched)
         full: np.ndarray = np.zeros(v.shape[:2] + (self.ax_in.n,))
         if self._zero_floor:
             full[...] = -np.inf
         full[:, :, ji:ji + v.shape[2]] = v
         if self._zero_floor:
-            beyond = self.ax_in.edges[1:] > width
+            beyond = self.ax_in.edges[1:] > t0 + width
             full[:, :, beyond] = np.maximum(full[:, :, beyond], 0.0)
         jo, full = bin_axis(full, 1, p0, self.ax_out, self.op)
         self.acc[jo:jo + full.shape[1]] += full.sum(axis=0)
@@ -180,6 +195,73 @@ class Map(Accumulator):
                     else f"example {self.examples[0]}")}
         return xr.DataArray(values, dims=("out_step", "in_step"), coords=coords,
                             name="influence", attrs=attrs)
+
+
+class LagMap(Accumulator):
+    """An (output step x lag) map for lags ``0..max_lag``: ``J[e, t1, f1, t1 - lag, f2]``,
+    features reduced, optionally binned, per example or averaged over examples.
+
+    The natural view of a causal Jacobian's band along the diagonal: each slab of
+    output steps reads only the ``max_lag + 1`` input steps behind it. A cell
+    with no input step (``t1 - lag < 0``) is NaN.
+    """
+
+    def __init__(self, layout: Layout, max_lag: int, reduce: str = "max",
+                 absolute: bool = True, example: int | None = None,
+                 out_feature: int | None = None, in_feature: int | None = None,
+                 bins: Any = None, out_window: tuple[int, int] | None = None) -> None:
+        check_choice("reduce", reduce, ("max", "extreme"))
+        if isinstance(max_lag, bool) or not isinstance(max_lag, (int, np.integer)) or \
+                max_lag < 0:
+            raise InputError(f"max_lag must be an int >= 0 (draw lags 0..max_lag); got "
+                             f"{max_lag!r}.")
+        self.layout, self.absolute, self.example = layout, bool(absolute), example
+        self.max_lag, self.op = int(max_lag), Op(reduce)
+        self.f1 = _feature(out_feature, layout.f_out, "out_feature")
+        self.f2 = _feature(in_feature, layout.f_in, "in_feature")
+        bo, bl = _bins(bins)
+        self.positions = out_window or (0, layout.n_out)
+        self.ax_out = _window_axis(bo, *self.positions)
+        self.ax_lag = _window_axis(bl, 0, self.max_lag + 1)
+        self.examples = _examples(example, layout.batch)
+        self.steps = self.steps_for(layout, *self.positions)
+        self.align = int(bo or 1)   # a row window's max is final within one slab
+        self.acc = np.zeros((self.ax_out.n, self.ax_lag.n))
+
+    def steps_for(self, lay: Layout, p0: int, p1: int) -> tuple[int, int]:
+        s = lay.out_steps[p0:p1]
+        return max(0, int(s.min()) - self.max_lag), min(lay.t_in, int(s.max()) + 1)
+
+    def update(self, e0: int, p0: int, t0: int, data: np.ndarray) -> None:
+        v = self.op.reduce(_prepare(data[:, :, self.f1, :, self.f2], self.absolute), (2, 4))
+        k, width = v.shape[1], v.shape[2]
+        if width == 0:
+            return
+        t1 = self.layout.out_steps[p0:p0 + k].astype(np.int64)
+        idx = t1[:, None] - np.arange(self.max_lag + 1)[None, :] - t0      # (k, lags)
+        ok = (idx >= 0) & (idx < width)
+        g = np.where(ok, v[:, np.arange(k)[:, None], np.clip(idx, 0, width - 1)], 0.0)
+        _, g = bin_axis(g, 2, 0, self.ax_lag, self.op)
+        jo, g = bin_axis(g, 1, p0, self.ax_out, self.op)
+        self.acc[jo:jo + g.shape[1]] += g.sum(axis=0)
+
+    def result(self) -> xarray.DataArray:
+        import xarray as xr
+
+        steps = self.layout.out_steps
+        last = steps[self.ax_out.edges[1:] - 1]         # a cell needs t1 - lag >= 0
+        lags = self.ax_lag.edges[:-1]
+        values = np.where(last[:, None] >= lags[None, :],
+                          self.acc / (self.examples[1] - self.examples[0]), np.nan)
+        what = "|J|" if self.absolute else "J"
+        return xr.DataArray(
+            values, dims=("out_step", "lag"),
+            coords={"out_step": steps[self.ax_out.edges[:-1]], "lag": lags},
+            name="influence",
+            attrs={"reduction": "lag_map", "reduce": self.op.name, "values": what,
+                   "example": -1 if self.example is None else self.examples[0],
+                   "description": f"{self.op.name} of {what} over features, by output step "
+                                  "and lag t1 - t2"})
 
 
 class LagProfile(Accumulator):

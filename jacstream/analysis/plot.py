@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from .accumulators import Map
+from .accumulators import LagMap, Map
 from .source import as_source, feed
 
 if TYPE_CHECKING:
@@ -53,13 +53,18 @@ def _edges(centres: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 def heatmap(J: Any, example: int = 0, out_feature: int = 0, in_feature: int = 0, *,
             log: bool = False, path: str | os.PathLike[str] | None = None,
-            max_pixels: int = 1000, absolute: bool = True, diagonal: bool = True) -> Figure:
-    """Heatmap of output step x input step for one example and one pair of features.
+            max_pixels: int = 1000, absolute: bool = True, diagonal: bool = True,
+            out_steps: slice | None = None, in_steps: slice | None = None,
+            max_lag: int | None = None) -> Figure:
+    """Heatmap of output step x input step (or x lag) for one example and pair of features.
 
     Each cell shows ``|J[example, t1, out_feature, t2, in_feature]|``. When the
     map has more than ``max_pixels`` steps along an axis, consecutive steps are
     aggregated into blocks and each cell shows the block's largest ``|J|``, so
-    a single strong entry is never averaged away.
+    a single strong entry is never averaged away. ``out_steps`` and ``in_steps``
+    zoom in on a window; ``max_lag`` draws ``t1`` against the lag ``t1 - t2``
+    (``0..max_lag``) instead, the band along the diagonal where a causal model's
+    Jacobian lives. Only the stored chunks in the window are read.
 
     Parameters
     ----------
@@ -79,6 +84,14 @@ def heatmap(J: Any, example: int = 0, out_feature: int = 0, in_feature: int = 0,
         block then shows its entry of largest magnitude, with its sign).
     diagonal : bool
         Draw the line ``t1 = t2`` (where a causal model's nonzero part ends).
+    out_steps : slice, optional
+        Output steps to draw, by step number: ``slice(100, 200)`` is steps
+        100..199 (of those the Jacobian holds).
+    in_steps : slice, optional
+        Input steps to draw, e.g. ``slice(50, 200)``.
+    max_lag : int, optional
+        Draw lags ``0..max_lag`` (columns) instead of input steps; a cell with
+        no input step (``t1 - lag < 0``) is left white.
 
     Returns
     -------
@@ -92,29 +105,106 @@ def heatmap(J: Any, example: int = 0, out_feature: int = 0, in_feature: int = 0,
     >>> fig = plot.heatmap(J, log=True)
     >>> fig.axes[0].get_xlabel()
     'input step t2'
+    >>> fig = plot.heatmap(J, out_steps=slice(20, 40), max_lag=5)
+    >>> fig.axes[0].get_xlabel()
+    'lag t1 - t2'
     """
-    from matplotlib import colors
-
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise InputError(f"max_pixels must be a positive int; got {max_pixels!r}.")
+    if max_lag is not None and in_steps is not None:
+        raise InputError("in_steps= and max_lag= both choose the input steps to draw "
+                         "(max_lag=L draws the input steps t1 - L..t1 of each output step "
+                         "t1): pass one of them.")
     source = as_source(J)
     lay = source.layout
-    bins = (-(-lay.n_out // max_pixels), -(-lay.t_in // max_pixels))
-    acc = Map(lay, reduce="max" if absolute else "extreme", absolute=absolute,
-                      example=example, out_feature=out_feature, in_feature=in_feature,
-                      bins=bins)
-    values = feed(source, acc).values
-    ex, f1, f2 = acc.examples[0], acc.f1.start, acc.f2.start
+    window = _out_window(lay.out_steps, out_steps)
+    n_out = window[1] - window[0]
+    reduce = "max" if absolute else "extreme"
+    what: dict[str, Any] = dict(absolute=absolute, example=example, out_feature=out_feature,
+                                in_feature=in_feature, out_window=window)
+    if max_lag is None:
+        steps = _in_window(lay.t_in, in_steps)
+        bins = (-(-n_out // max_pixels), -(-(steps[1] - steps[0]) // max_pixels))
+        grid = Map(lay, reduce, bins=bins, in_window=steps, **what)
+        acc: Map | LagMap = grid
+        columns, starts = np.arange(*steps), grid.ax_in.edges[:-1] - steps[0]
+    else:
+        acc = LagMap(lay, max_lag, reduce, bins=(-(-n_out // max_pixels),
+                                                 -(-(max_lag + 1) // max_pixels)), **what)
+        columns, starts = np.arange(max_lag + 1), acc.ax_lag.edges[:-1]
+        bins = (int(acc.ax_out.edges[1] - acc.ax_out.edges[0]) if acc.ax_out.n > 1 else 1,
+                int(acc.ax_lag.edges[1] - acc.ax_lag.edges[0]) if acc.ax_lag.n > 1 else 1)
+    values = np.asarray(feed(source, acc).values)
+    x = _edges(columns, starts)
+    y = _edges(lay.out_steps[window[0]:window[1]], acc.ax_out.edges[:-1] - window[0])
+    fig, ax = _draw_map(x, y, values, log=log, absolute=absolute)
+    if max_lag is None and diagonal:
+        lo, hi = max(x[0], y[0]), min(x[-1], y[-1])
+        if hi > lo:
+            ax.plot([lo, hi], [lo, hi], ls="--", lw=0.8, color="0.55", label="t1 = t2")
+            ax.legend(loc="lower right", fontsize="small", framealpha=0.8)
+    ax.set_xlabel("input step t2" if max_lag is None else "lag t1 - t2")
+    ax.set_ylabel("output step t1")
+    sym = "|J|" if absolute else "J"
+    bar = "|" if absolute else ""
+    t2 = "t2" if max_lag is None else "t1 - lag"
+    title = (f"{sym} = {bar}∂y[t1, {acc.f1.start}] / ∂x[{t2}, {acc.f2.start}]{bar}, "
+             f"example {acc.examples[0]}")
+    if (n_out, len(columns)) != (lay.n_out, lay.t_in) or max_lag is not None:
+        title += (f"\noutput steps {y[0] + 0.5:.0f}..{y[-1] - 0.5:.0f}, "
+                  + (f"input steps {columns[0]}..{columns[-1]}" if max_lag is None
+                     else f"lags 0..{max_lag}"))
+    if bins != (1, 1):
+        kind = "max |J|" if absolute else "entry of largest |J|"
+        title += (f"\n{kind} over blocks of {bins[0]} x {bins[1]} steps "
+                  f"({n_out} x {len(columns)} steps in all)")
+    ax.set_title(title, fontsize="medium")
+    _save(fig, path)
+    return fig
 
-    x = _edges(np.arange(lay.t_in), acc.ax_in.edges[:-1])
-    y = _edges(lay.out_steps, acc.ax_out.edges[:-1])
-    vmax = float(np.nanmax(np.abs(values))) if values.size else 0.0
-    vmax = vmax if vmax > 0 and np.isfinite(vmax) else 1.0
-    data: Any = values
+
+def _out_window(out_steps: np.ndarray, spec: slice | None) -> tuple[int, int]:
+    """The output positions ``[a, b)`` whose step numbers ``spec`` selects."""
+    if spec is None:
+        return 0, len(out_steps)
+    if not isinstance(spec, slice):
+        raise InputError(f"out_steps must be a slice of output step numbers, e.g. "
+                         f"slice(100, 200); got {spec!r}.")
+    lo, hi, step = spec.indices(int(out_steps.max()) + 1)
+    pos = np.nonzero((out_steps >= lo) & (out_steps < hi))[0]
+    if step != 1 or len(pos) == 0:
+        raise InputError(f"out_steps={spec!r} selects no output step of this Jacobian (steps "
+                         f"{out_steps[0]}..{out_steps[-1]}, {len(out_steps)} of them); pass a "
+                         "slice with step 1 that overlaps them.")
+    return int(pos[0]), int(pos[-1]) + 1
+
+
+def _in_window(t_in: int, spec: slice | None) -> tuple[int, int]:
+    if spec is None:
+        return 0, t_in
+    if not isinstance(spec, slice):
+        raise InputError(f"in_steps must be a slice of input steps, e.g. slice(0, 50); got "
+                         f"{spec!r}.")
+    lo, hi, step = spec.indices(t_in)
+    if step != 1 or hi <= lo:
+        raise InputError(f"in_steps={spec!r} selects no input step of 0..{t_in - 1}; pass a "
+                         "slice with step 1 that overlaps them.")
+    return lo, hi
+
+
+def _draw_map(x: np.ndarray, y: np.ndarray, values: np.ndarray, *, log: bool,
+              absolute: bool) -> tuple[Figure, Any]:
+    """The map itself, its colour bar, and white where a cell has no entry (NaN)."""
+    from matplotlib import colors
+
+    finite = values[np.isfinite(values)]
+    vmax = float(np.max(np.abs(finite))) if finite.size else 0.0
+    vmax = vmax if vmax > 0 else 1.0
+    data: Any = np.ma.masked_invalid(values)
     if absolute:
         cmap = _cmap("magma")
         if log:
-            data = np.ma.masked_less_equal(values, 0.0)
+            data = np.ma.masked_where(~(values > 0), values)
             norm: Any = colors.LogNorm(vmin=vmax * LOG_RANGE, vmax=vmax, clip=True)
         else:
             norm = colors.Normalize(vmin=0.0, vmax=vmax)
@@ -122,33 +212,19 @@ def heatmap(J: Any, example: int = 0, out_feature: int = 0, in_feature: int = 0,
         cmap = _cmap("RdBu_r")
         norm = (colors.SymLogNorm(linthresh=vmax * 1e-4, vmin=-vmax, vmax=vmax) if log
                 else colors.Normalize(vmin=-vmax, vmax=vmax))
-
     fig = _figure((7.0, 6.0))
     ax = fig.add_subplot()
     image = ax.pcolorfast(x, y, data, cmap=cmap, norm=norm)
-    if diagonal:
-        lo, hi = max(x[0], y[0]), min(x[-1], y[-1])
-        if hi > lo:
-            ax.plot([lo, hi], [lo, hi], ls="--", lw=0.8, color="0.55", label="t1 = t2")
-            ax.legend(loc="lower right", fontsize="small", framealpha=0.8)
+    if np.isnan(values).any():   # no entry there (before the first input step): white
+        ax.pcolorfast(x, y, np.ma.masked_where(~np.isnan(values), np.ones(values.shape)),
+                      cmap=colors.ListedColormap(["white"]))
     ax.set_xlim(x[0], x[-1])
     ax.set_ylim(y[0], y[-1])
-    ax.set_xlabel("input step t2")
-    ax.set_ylabel("output step t1")
-    what = "|J|" if absolute else "J"
-    bar = "|" if absolute else ""
-    title = f"{what} = {bar}∂y[t1, {f1}] / ∂x[t2, {f2}]{bar}, example {ex}"
-    if bins != (1, 1):
-        kind = "max |J|" if absolute else "entry of largest |J|"
-        title += (f"\n{kind} over blocks of {bins[0]} x {bins[1]} steps "
-                  f"({lay.n_out} x {lay.t_in} steps in all)")
-    ax.set_title(title, fontsize="medium")
-    label = what + (" (log scale)" if log else "")
+    label = ("|J|" if absolute else "J") + (" (log scale)" if log else "")
     if log and absolute and np.any(values <= 0):
         label += "; grey: exactly 0"
     fig.colorbar(image, ax=ax, label=label)
-    _save(fig, path)
-    return fig
+    return fig, ax
 
 
 def _cmap(name: str) -> Any:

@@ -144,6 +144,14 @@ class Accumulator:
     def update(self, e0: int, p0: int, t0: int, data: np.ndarray) -> None:
         raise NotImplementedError
 
+    def steps_for(self, lay: Layout, p0: int, p1: int) -> tuple[int, int]:
+        """The input steps to read for output positions ``[p0, p1)``: the region's, up to
+        the last one a causal Jacobian holds for them (the rest is zero)."""
+        t_lo, t_hi = self.steps
+        if lay.causal:
+            t_hi = max(t_lo, inputs_needed(int(lay.out_steps[p1 - 1]), t_hi, causal=True))
+        return t_lo, t_hi
+
     def result(self) -> Any:
         raise NotImplementedError
 
@@ -158,12 +166,14 @@ def feed(source: Source, acc: Accumulator, slab_bytes: int | None = None) -> Any
     """Read the region ``acc`` needs from ``source`` slab by slab; return ``acc.result()``.
 
     Output positions are the outer loop, so every example of a run of output
-    positions is seen before the next run starts. For a causal Jacobian, input
-    steps after a slab's last output step are not read: they are zero.
+    positions is seen before the next run starts. Each slab reads only the input
+    steps ``acc.steps_for`` asks for: for a causal Jacobian, none after the
+    slab's last output step (they are zero); for a window of lags, only those.
     """
     lay = source.layout
     slab_bytes = SLAB_BYTES if slab_bytes is None else slab_bytes
     (e_lo, e_hi), (p_lo, p_hi), (t_lo, t_hi) = acc.examples, acc.positions, acc.steps
+    # (t_hi - t_lo: the widest a slab's input steps can be, so slabs are never too big)
     # One (example, output position) row of the region; slabs follow the store's
     # chunks, cut down (output positions first) until they fit in slab_bytes.
     row_bytes = lay.f_out * (t_hi - t_lo) * lay.f_in * source.itemsize
@@ -173,11 +183,9 @@ def feed(source: Source, acc: Accumulator, slab_bytes: int | None = None) -> Any
     step_e = max(1, min(step_e, rows_fit // step_p))
     step_p = max(acc.align, step_p // acc.align * acc.align)
     for p0, p1 in _slab_ranges(p_lo, p_hi, step_p):
-        t1 = t_hi
-        if lay.causal:
-            t1 = max(t_lo, inputs_needed(int(lay.out_steps[p1 - 1]), t_hi, causal=True))
+        t0, t1 = acc.steps_for(lay, p0, p1)
         for e0, e1 in _slab_ranges(e_lo, e_hi, step_e):
-            acc.update(e0, p0, t_lo, source.read((e0, e1), (p0, p1), (t_lo, t1)))
+            acc.update(e0, p0, t0, source.read((e0, e1), (p0, p1), (t0, t1)))
     return acc.result()
 
 

@@ -44,7 +44,7 @@ def validated(call: Callable[[Any], Any], strategy: str, f_in: int, f_out: int, 
     cls = function_class(strategy)
     failures: list[str] = []
     last: Exception | None = None
-    with events.phase("build"):
+    with events.phase("build", strategy):
         for static in (False, True):
             for impl in cls.impls:
                 fn = cls(call, FunctionSpec(strategy, impl, int(f_in), int(f_out), device,

@@ -6,20 +6,17 @@ import hashlib
 import json
 import os
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, ModelError, first_line
+from ..errors import ModelError, first_line
 from ._tf import keras, tf
+from .modelfile import MODEL_SUFFIXES, check_model_file
 from .models import WithSide
 
 __all__ = ["MODEL_SUFFIXES", "fingerprint_model", "load_model_file", "load_payload",
            "model_payload"]
-
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
-
 
 def fingerprint_model(model: Any) -> str:
     """A hash of the model's class, configuration and weights (sha256 hex)."""
@@ -62,14 +59,7 @@ def load_model_file(path: str | os.PathLike[str], *, unsafe: bool = False) -> An
     pickled bytecode): loading one runs that code, so it takes an explicit
     ``unsafe=True`` (``--unsafe``) for a file you trust.
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"model: no such file: {str(p)!r}. Pass a model saved with "
-                         "model.save('model.keras').")
-    if p.is_dir() or p.suffix.lower() not in MODEL_SUFFIXES:
-        raise InputError(f"model: {str(p)!r} is not a Keras model file (.keras or .h5). Save "
-                         "the model with model.save('model.keras'); a TensorFlow SavedModel "
-                         "directory cannot be loaded by Keras 3.")
+    p = check_model_file(path)
     try:
         return keras.saving.load_model(p, compile=False, safe_mode=not unsafe)
     except Exception as e:

@@ -124,17 +124,23 @@ class Pointwise(keras.layers.Layer):
     Keras 3's TimeDistributed unrolls a Python loop over a static time axis and
     mis-shapes a dynamic one inside tf.function (see shared NOTES); Dense
     already maps the last axis of a (batch, T, H) tensor, with the same weights.
+    A mask (from ``Masking`` or ``mask_zero``) passes through unchanged, as it
+    does through TimeDistributed: the per-step layer never looks across steps.
     """
 
     def __init__(self, inner: keras.layers.Layer, **kwargs: Any) -> None:
         super().__init__(name=kwargs.pop("name", None) or f"pointwise_{inner.name}", **kwargs)
         self.inner = inner
+        self.supports_masking = True
 
     def call(self, x: Any, mask: Any = None, training: Any = None) -> Any:
         return self.inner(x)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return self.inner.compute_output_shape(input_shape)
+
+    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
+        return mask
 
 
 _POINTWISE = (keras.layers.Dense, keras.layers.Activation, keras.layers.Dropout,

@@ -30,7 +30,7 @@ def probe_cost(fn: BlockFunction, x: np.ndarray, max_len: int = 512) -> CostMode
     # Where the output length does not follow the input length (a forecaster's horizon,
     # a strided model), only the full length has a known number of output steps.
     follows = fn.t_out in (0, x.shape[1])   # 0: not known (taken as following)
-    with events.phase("probes"):
+    with events.phase("probes", fn.strategy):
         try:
             return _probe(fn, x, min(x.shape[1], max_len) if follows else x.shape[1], 64)
         except ModelError:

@@ -43,7 +43,8 @@ from .blocks import Block, Plan
 from .steps import inputs_needed
 from .strategies import REGISTRY
 
-__all__ = ["CANDIDATES", "Choice", "Shapes", "candidates", "choose", "clear_cache", "predict"]
+__all__ = ["CANDIDATES", "Choice", "Shapes", "block_work", "candidates", "choose", "clear_cache",
+           "predict"]
 
 CANDIDATES = tuple(name for name, info in REGISTRY.items() if info.candidate)
 
@@ -140,13 +141,13 @@ def _update_remaining(trials: dict[str, _Trial]) -> None:
     Blocks computed by any trial on the same blocking are kept, so they do not count.
     """
     for t in trials.values():
-        done = sum(_block_work(u.plan, u.block, t.fn) for u in trials.values()
+        done = sum(block_work(u.plan, u.block, t.fn) for u in trials.values()
                    if u.block is not None and _same_blocks(u.plan, t.plan))
-        total = sum(_block_work(t.plan, b, t.fn) for b in t.plan.blocks)
+        total = sum(block_work(t.plan, b, t.fn) for b in t.plan.blocks)
         t.remaining = t.seconds_per_work * max(0.0, total - done)
 
 
-def _block_work(plan: Plan, b: Block, fn: Any = None) -> float:
+def block_work(plan: Plan, b: Block, fn: Any = None) -> float:
     """A block's work in the units its time scales with.
 
     Rows (or columns) x input steps, unless the block function counts its own
@@ -172,8 +173,8 @@ def _pick_block(plan: Plan, avoid: set[int]) -> Block | None:
         return next((b for b in plan.blocks if b.index not in avoid), None)
     best: Block | None = None
     for b in plan.blocks:
-        if b.index not in avoid and (best is None or _block_work(plan, b)
-                                     > _block_work(plan, best)):
+        if b.index not in avoid and (best is None or block_work(plan, b)
+                                     > block_work(plan, best)):
             best = b
     return best
 
@@ -266,7 +267,7 @@ def _run_trial(fn: Any, plan: Plan, trace_seconds: float, trials: dict[str, _Tri
         # paid again by the blocks after it.
         once = float(getattr(fn, "setup_seconds", 0.0))
         trial.seconds_per_work = max(0.0, trial.block_seconds - once) / max(
-            1.0, _block_work(plan, block, fn))
+            1.0, block_work(plan, block, fn))
     return trial
 
 

@@ -85,7 +85,7 @@ class Candidates:
 
     def run_block(self, fn: Any, plan: Plan, block: Block) -> Any:
         """One trial block of ``plan`` on the job's inputs."""
-        with events.phase("trial"):
+        with events.phase("trial", f"{fn.strategy} (block {block.index} of {plan.n_blocks})"):
             e0, e1 = block.examples
             return fn.compute(plan, block, np.asarray(self.x[e0:e1]))  # binds its examples
 

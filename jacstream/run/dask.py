@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 import uuid
 import warnings
@@ -40,7 +39,7 @@ from ..errors import BudgetError, ClusterError, InputError, StoreError
 from ..planning import Block, Plan, format_bytes
 from ..store.jobstore import DONE_DIR, JobStore
 from .blocks import RunStats
-from .local import progress_bar
+from .progress import BlockBar, say_interrupted
 from .worker import run_block
 
 __all__ = ["ClusterError", "DaskRunStats", "check_client", "connect", "default_worker_budget",
@@ -229,7 +228,7 @@ def run_dask(plan: Plan, store: JobStore, inputs: Any, model: Any, *, client: An
         "device": device, "sample": np.ascontiguousarray(sample), "function": fn_spec,
         "t_out": int(t_out), "on_nonfinite": on_nonfinite, "inputs": ref,
     }
-    with events.phase("blocks"):
+    with events.phase("blocks", f"{len(pending)} of {plan.n_blocks} blocks on dask"):
         futures, inputs_fs = _submit(client, spec, model_payload(model), pending, inputs, ref,
                                      retries)
         _collect(client, futures, stats, store, plan, progress, on_nonfinite, on_block)
@@ -267,7 +266,8 @@ def _collect(client: Any, remaining: dict[str, Any], stats: DaskRunStats, store:
     """Wait for the tasks, account for each as it finishes; cancel the rest on an error."""
     from distributed import as_completed
 
-    bar = progress_bar(plan, stats.skipped_blocks, "jacobian (dask)", progress)
+    done = {b.index for b in plan.blocks} - {int(k.split("-")[2]) for k in remaining}
+    bar = BlockBar(plan, done, "jacobian (dask)", progress)
     try:
         for fut in as_completed(list(remaining.values())):
             try:
@@ -280,16 +280,16 @@ def _collect(client: Any, remaining: dict[str, Any], stats: DaskRunStats, store:
             if "error" in meta:
                 raise meta["error"]
             _account(stats, meta, plan, on_nonfinite)
-            bar.update(1)
+            bar.advance(plan.block(meta["index"]))
             if on_block is not None:
                 on_block(plan.block(meta["index"]))
     except BaseException as exc:
         client.cancel(list(remaining.values()))
         if isinstance(exc, KeyboardInterrupt):
-            print(f"\njacstream: interrupted; {len(store.done_blocks())} of {plan.n_blocks} "
-                  f"blocks are safely in {str(store.path)!r}. Call jacstream.jacobian() again "
-                  "with the same arguments (with or without client=) to resume. Blocks already "
-                  "running on workers finish and are kept.", file=sys.stderr)
+            say_interrupted(exc, f"{len(store.done_blocks())} of {plan.n_blocks} blocks are "
+                            f"safely in {str(store.path)!r}. Call jacstream.jacobian() again "
+                            "with the same arguments (with or without client=) to resume. "
+                            "Blocks already running on workers finish and are kept.")
         raise
     finally:
         bar.close()

@@ -26,6 +26,7 @@ from . import collector
 from .budget import default_memory_budget
 from .candidates import Candidates
 from .inputs import Side, as_inputs, check_side, split_inputs
+from .progress import phase_lines
 from .record import run_record
 
 __all__ = ["Request", "run"]
@@ -84,9 +85,11 @@ def run(model: Any, inputs: Any, req: Request, *, reduce_to: Any = None,
     ``reduce_to``: a streaming reduction's sink (:class:`jacstream.analysis.streaming.
     ReductionSink`): then no store is made and its result is returned. ``blocks_to``:
     where blocks go instead of the store (a :class:`~jacstream.store.sink.NullSink`
-    for benchmarks); the store still holds the job's metadata and run record.
+    for benchmarks); the store still holds the job's metadata and run record. With
+    ``req.progress``, a line on stderr says what each phase before the blocks is doing.
     """
-    with collector.frozen():   # the objects from before the job: out of the collector's way
+    # the objects from before the job out of the collector's way; a line per phase
+    with collector.frozen(), phase_lines(req.progress):
         return _run(model, inputs, req, reduce_to, blocks_to)
 
 

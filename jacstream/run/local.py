@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import queue
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -20,19 +19,19 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .. import events
 from .._memory import release_free_memory_above
 from ..planning import Block, Plan
 from ..store.sink import Sink
 from .blocks import Computed, RunStats, checked_blocks
+from .progress import BlockBar, say_interrupted
 
-__all__ = ["RunStats", "progress_bar", "run_local"]
+__all__ = ["RunStats", "run_local"]
 
 
 class _Writer(threading.Thread):
-    def __init__(self, store: Sink, plan: Plan, bar: Any, stats: RunStats,
+    def __init__(self, store: Sink, plan: Plan, bar: BlockBar | None, stats: RunStats,
                  on_block: Callable[[Block], None] | None) -> None:
         super().__init__(name="jacstream-writer", daemon=True)
         self.q: queue.Queue[tuple[Block, np.ndarray] | None] = queue.Queue(maxsize=1)
@@ -52,7 +51,8 @@ class _Writer(threading.Thread):
             try:
                 self.store.write_block(self.plan, block, data)
                 self.stats.write_seconds += time.perf_counter() - t0
-                self.bar.update(1)
+                if self.bar is not None:
+                    self.bar.advance(block)
                 if self.on_block is not None:
                     self.on_block(block)
             except BaseException as e:  # surfaced in the caller, never lost in this thread
@@ -71,12 +71,8 @@ class _Writer(threading.Thread):
     def close(self) -> None:
         self.q.put(None)
         self.join()
-
-
-def progress_bar(plan: Plan, done: int, desc: str, progress: bool) -> Any:
-    """The progress bar of a run (on a terminal only, unless ``progress`` is False)."""
-    return tqdm(total=plan.n_blocks, initial=done, unit="block", desc=desc,
-                disable=None if progress else True, dynamic_ncols=True, file=sys.stderr)
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_local(plan: Plan, store: Sink, inputs: Any, fn: Any, *, progress: bool = True,
@@ -96,11 +92,13 @@ def run_local(plan: Plan, store: Sink, inputs: Any, fn: Any, *, progress: bool =
     done = store.done_blocks()
     pending = [b for b in plan.blocks if b.index not in done]
     stats.skipped_blocks = plan.n_blocks - len(pending)
-    bar = progress_bar(plan, stats.skipped_blocks, "jacobian", progress)
-    writer = _Writer(store, plan, bar, stats, on_block)
+    writer = _Writer(store, plan, None, stats, on_block)
     writer.start()
     try:
-        with events.phase("blocks"), _CtrlC() as ctrl_c:
+        with events.phase("blocks", f"{len(pending)} of {plan.n_blocks} blocks"), \
+                _CtrlC() as ctrl_c:
+            # Made once the phase has begun: its line comes before the bar.
+            writer.bar = BlockBar(plan, done, "jacobian", progress, fn, precomputed or ())
             ctrl_c.check()
             for item in checked_blocks(fn, plan, pending, lambda b: _read(inputs, b),
                                        t_out=t_out, on_nonfinite=on_nonfinite,
@@ -118,19 +116,16 @@ def run_local(plan: Plan, store: Sink, inputs: Any, fn: Any, *, progress: bool =
                 # estimate, give the free part back.
                 release_free_memory_above(trim_above)
                 ctrl_c.check()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         writer.close()
-        bar.close()
-        print(f"\njacstream: interrupted; {len(store.done_blocks())} of {plan.n_blocks} blocks "
-              f"are safely in {str(store.path)!r}. Call jacstream.jacobian() again with the "
-              "same arguments to resume.", file=sys.stderr)
+        say_interrupted(e, f"{len(store.done_blocks())} of {plan.n_blocks} blocks are safely in "
+                        f"{str(store.path)!r}. Call jacstream.jacobian() again with the same "
+                        "arguments to resume.")
         raise
     except BaseException:
         writer.close()
-        bar.close()
         raise
     writer.close()
-    bar.close()
     if writer.error is not None:
         raise writer.error
     stats.wall_seconds = time.perf_counter() - t_start

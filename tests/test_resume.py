@@ -17,13 +17,14 @@ from conftest import assert_jacobian_close, build_model, reference_jacobian
 
 import jacstream
 from jacstream.errors import IncompleteStoreWarning, StoreMismatchError, StoreWriteError
+from jacstream.store.jobstore import done_dir
 
 JOB = str(Path(__file__).with_name("_resume_job.py"))
 N_BLOCKS = 30  # 240 steps / block_size 8
 
 
 def _done(store: Path) -> set[int]:
-    d = store / "jacstream_blocks"
+    d = done_dir(store)
     return {int(n[:-5]) for n in os.listdir(d) if n.endswith(".done")} if d.exists() else set()
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "NotAStoreError",
     "ReadOnlyStoreError",
     "StoreError",
+    "StoreLockedError",
     "StoreMismatchError",
     "StoreWriteError",
 ]
@@ -77,6 +78,10 @@ class NotAStoreError(StoreError, FileNotFoundError):
 
 class StoreMismatchError(StoreError, FileExistsError):
     """The store exists but was made for another job."""
+
+
+class StoreLockedError(StoreError, BlockingIOError):
+    """Another process is writing the store (it holds the store's writer lock)."""
 
 
 class ReadOnlyStoreError(StoreError, PermissionError):

@@ -16,6 +16,7 @@ from conftest import assert_jacobian_close
 
 import jacstream
 from jacstream.cli import main, parse_out_steps
+from jacstream.store.jobstore import done_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,7 +151,7 @@ def test_second_compute_resumes(files, tmp_path, capsys):
     argv = ["compute", files["model"], files["npy"], out, "--block-size", "4", "-q"]
     assert run(*argv, capsys=capsys) == (0, "", "")
     # Interrupted after one block: the other two completion records are missing.
-    for marker in sorted((out / "jacstream_blocks").glob("*.done"))[1:]:
+    for marker in sorted(done_dir(out).glob("*.done"))[1:]:
         marker.unlink()
     with pytest.warns(jacstream.errors.IncompleteStoreWarning):
         assert jacstream.open(out).blocks_done == 1

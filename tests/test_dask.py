@@ -33,6 +33,7 @@ cloudpickle = pytest.importorskip("cloudpickle")
 import jacstream  # noqa: E402
 from jacstream.errors import BudgetError, InputError, NonFiniteError, StoreWriteError  # noqa: E402
 from jacstream.store import JobStore  # noqa: E402
+from jacstream.store.jobstore import done_dir  # noqa: E402
 
 # Test helpers and models defined here are shipped to the workers by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -136,7 +137,7 @@ def wait_idle(client, timeout=30.0):
 
 
 def n_markers(path):
-    d = os.path.join(path, "jacstream_blocks")
+    d = done_dir(path)
     return sum(n.endswith(".done") for n in os.listdir(d)) if os.path.isdir(d) else 0
 
 

@@ -17,13 +17,14 @@ from conftest import assert_jacobian_close, build_model, reference_jacobian
 
 import jacstream
 from jacstream.errors import IncompleteStoreWarning, StoreMismatchError, StoreWriteError
+from jacstream.store.jobstore import done_dir
 
 JOB = str(Path(__file__).with_name("_resume_job.py"))
 N_BLOCKS = 30  # 240 steps / block_size 8
 
 
 def _done(store: Path) -> set[int]:
-    d = store / "jacstream_blocks"
+    d = done_dir(store)
     return {int(n[:-5]) for n in os.listdir(d) if n.endswith(".done")} if d.exists() else set()
 
 
@@ -55,8 +56,11 @@ def _kill_when(proc: subprocess.Popen, store: Path, n_done: int, extra_delay: fl
 def _chunk_files(store: Path) -> dict[str, bytes]:
     root = store / "jacobian"
     out = {}
-    for dirpath, _dirs, files in os.walk(root):
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "jacstream_blocks"]   # the markers hold a time
         for f in files:
+            if f == "jacstream.lock":
+                continue
             p = Path(dirpath) / f
             out[str(p.relative_to(root))] = p.read_bytes()
     return out
@@ -168,7 +172,7 @@ def test_real_full_filesystem_then_resume(small_job, tmp_path):
     model, x, ref = small_job
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)],
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")

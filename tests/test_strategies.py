@@ -27,6 +27,7 @@ import jacstream
 from jacstream.errors import DeviceError, InputError, NonFiniteError
 from jacstream.planning import CostModel, Plan, make_plan
 from jacstream.planning import choice as _strategy
+from jacstream.store.jobstore import done_dir
 
 T = 23  # the model_case fixture's sequence length
 ALL_MODELS = CAUSAL_MODELS + NONCAUSAL_MODELS
@@ -168,7 +169,7 @@ def test_forward_resume_recomputes_only_missing_blocks(tmp_path):
     J = jacstream.jacobian(model, x, path, strategy="forward", block_size=5, progress=False)
     full = J[...]
     for i in (1, 3):  # as if the run had died before these blocks were marked done
-        os.remove(path / "jacstream_blocks" / f"{i:08d}.done")
+        os.remove(done_dir(path) / f"{i:08d}.done")
     again = jacstream.jacobian(model, x, path, progress=False)   # strategy from the store
     assert sorted(again.stats["computed_blocks"]) == [1, 3] and again.complete
     # Bitwise: the stored plan's strategy and blocking, so blocks 1 and 3 are computed again by

@@ -37,7 +37,7 @@ import numpy as np
 from .. import events
 from ..errors import BudgetError, ClusterError, InputError, StoreError
 from ..planning import Block, Plan, format_bytes
-from ..store.jobstore import DONE_DIR, JobStore
+from ..store.jobstore import JobStore, done_dir
 from .blocks import RunStats
 from .progress import BlockBar, say_interrupted
 from .worker import run_block
@@ -147,7 +147,7 @@ def _preflight(client: Any, plan: Plan, path: Path) -> None:
                 f"a block needs about {format_bytes(plan.estimated_peak)} of working memory, "
                 f"more than the memory limit of worker {addr} ({format_bytes(limit)}). Pass a "
                 f"smaller memory_budget (it applies per worker) or block_size.")
-    seen = client.run(os.path.isdir, str(path / DONE_DIR))
+    seen = client.run(os.path.isdir, str(done_dir(path)))
     blind = sorted(a for a, ok in seen.items() if not ok)
     if blind:
         raise StoreError(

@@ -90,13 +90,25 @@ def run(model: Any, inputs: Any, req: Request, *, reduce_to: Any = None,
     """
     # the objects from before the job out of the collector's way; a line per phase
     with collector.frozen(), phase_lines(req.progress):
-        return _run(model, inputs, req, reduce_to, blocks_to)
+        return _locked(model, inputs, req, reduce_to, blocks_to)
 
 
-def _run(model: Any, inputs: Any, req: Request, reduce_to: Any, blocks_to: Sink | None) -> Any:
+def _locked(model: Any, inputs: Any, req: Request, reduce_to: Any,
+            blocks_to: Sink | None) -> Any:
     t_call, rss0 = time.perf_counter(), current_rss()
-    model, x, side = _model_and_inputs(model, inputs, req)
+    # The writer lock first: a second writer of a store is refused before any work.
     existing = None if reduce_to is not None else _existing_store(req)
+    try:
+        return _run(model, inputs, req, existing, reduce_to, blocks_to, t_call, rss0)
+    finally:
+        if existing is not None:
+            existing.unlock()
+
+
+def _run(model: Any, inputs: Any, req: Request, existing: JobStore | None, reduce_to: Any,
+         blocks_to: Sink | None, t_call: float, rss0: int) -> Any:
+    """:func:`run` once the store being resumed or replaced (if any) is locked."""
+    model, x, side = _model_and_inputs(model, inputs, req)
     resuming = existing is not None and not req.overwrite
     fixed = existing.plan.strategy if resuming and existing is not None else (
         None if req.strategy == "auto" else req.strategy)
@@ -115,7 +127,10 @@ def _run(model: Any, inputs: Any, req: Request, reduce_to: Any, blocks_to: Sink 
                                             "model_rewrites": j.m.prepared.rewritten,
                                             "device": j.dev, "strategy_choice": j.choice},
                          overwrite=req.overwrite)
-    return _execute(j, model, js, blocks_to)
+    try:
+        return _execute(j, model, js, blocks_to)
+    finally:
+        js.unlock()
 
 
 def _model_output(m: Any) -> str:
@@ -145,10 +160,12 @@ def _model_and_inputs(model: Any, inputs: Any, req: Request) -> tuple[Any, Any, 
 
 
 def _existing_store(req: Request) -> JobStore | None:
-    """The jacstream store at the path; None for a new path or an empty directory.
+    """The jacstream store at the path, locked; None for a new path or an empty directory.
 
     Anything else there is refused, whatever ``overwrite`` says: jacstream only
-    ever replaces a store it wrote itself.
+    ever replaces a store it wrote itself. A store being resumed or replaced is
+    locked (StoreLockedError while another process writes it); a read-only one
+    is not (nothing will be written to it).
     """
     assert req.path is not None
     path = req.path
@@ -156,6 +173,8 @@ def _existing_store(req: Request) -> JobStore | None:
     existing = JobStore.open(path, mode="r+") if JobStore.exists(path) else None
     if existing is None or req.overwrite:
         JobStore.check_creatable(path)
+    if existing is not None and JobStore.writable(path):
+        existing.lock()
     return existing
 
 
@@ -308,6 +327,7 @@ def _execute(j: _Job, model: Any, js: JobStore, blocks_to: Sink | None) -> Jacob
     """Run the plan's blocks (locally or on dask), record the run, and return the result."""
     req, plan = j.req, j.plan
     assert plan is not None
+    js.upgrade()   # a store written by an earlier version: its records moved, coordinates added
     with PeakTracker() as tracker:
         if req.client is None:
             from .local import run_local

@@ -1,11 +1,22 @@
 """Storage: the zarr store of one Jacobian job, its metadata and completion records.
 
-Layout of a store directory::
+Layout of a store directory (format 2)::
 
     store.zarr/
-      zarr.json                 group; attrs["jacstream"] holds the job metadata
-      jacobian/                 the (batch, n_out, F_out, T_in, F_in) zarr array
-      jacstream_blocks/         one empty file per finished block: NNNNNNNN.done
+      zarr.json                 group; attrs["jacstream"] holds the job metadata, and the
+                                consolidated metadata of the arrays below
+      jacobian/                 the (example, out_step, out_feature, in_step, in_feature) array
+        zarr.json, c/...        its metadata (dimension_names) and chunks
+        jacstream_blocks/       one small file per finished block: NNNNNNNN.done
+        jacstream.lock          the writer lock (see :mod:`.lock`)
+      example/ out_step/ out_feature/ in_step/ in_feature/
+                                the coordinates, one 1-D int64 array each
+
+So ``xarray.open_zarr(store)`` gives the labeled view of ``Jacobian.to_xarray()``
+without jacstream, and zarr reads the store without a warning: jacstream's own
+records sit inside the array's directory, where zarr never lists. Format 1
+stores (markers in ``store.zarr/jacstream_blocks/``, no coordinate arrays) are
+read as they are and upgraded by the next run that writes them.
 
 A block counts as done only once its chunks are written and fsynced and its
 marker has been renamed into place, so an interrupted run never leaves a
@@ -14,13 +25,15 @@ half-written block that counts as done. No TensorFlow here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -32,6 +45,7 @@ from ..errors import (
     NotAStoreError,
     ReadOnlyStoreError,
     StoreError,
+    StoreLockedError,
     StoreMismatchError,
     StoreWriteError,
     first_line,
@@ -39,14 +53,18 @@ from ..errors import (
 from ..planning import LAYOUT, Block, Plan
 from .dtypes import cast as _cast
 from .dtypes import native_dtype, register_bfloat16
+from .lock import WriterLock
 from .rules import is_new, is_zarr_store, refuse_existing
 
-__all__ = ["ARRAY_NAME", "DONE_DIR", "JobStore", "describe_differences"]
+__all__ = ["ARRAY_NAME", "DESCRIPTION", "JobStore", "consolidating", "coordinates",
+           "describe_differences", "done_dir"]
 
 ARRAY_NAME = "jacobian"
-DONE_DIR = "jacstream_blocks"
+DONE_DIR = "jacstream_blocks"   # in the array's directory (format 1: at the top level)
 DONE_SUFFIX = ".done"
-FORMAT = 1
+LOCK_FILE = "jacstream.lock"    # in the array's directory
+FORMAT = 2
+DESCRIPTION = "d y[example, out_step, out_feature] / d x[example, in_step, in_feature]"
 
 # Fields of the job identity: a store is reused only if all of them match.
 IDENTITY = ("model", "inputs", "input_shape", "output_shape", "out_steps", "causal", "dtype",
@@ -71,6 +89,42 @@ def _brief(v: Any) -> str:
     return repr(v)
 
 
+def done_dir(path: str | os.PathLike[str]) -> Path:
+    """The folder of a store's completion markers (a format 1 store keeps them at the top)."""
+    p = Path(path)
+    new, old = p / ARRAY_NAME / DONE_DIR, p / DONE_DIR
+    return old if old.is_dir() and not new.exists() else new
+
+
+def coordinates(plan: Plan) -> dict[str, np.ndarray]:
+    """The coordinate of each axis of ``plan``'s array: the real step and feature numbers."""
+    batch, _, f_out, t_in, f_in = plan.shape
+    values = (range(batch), plan.out_steps, range(f_out), range(t_in), range(f_in))
+    return {name: np.asarray(v, dtype=np.int64) for name, v in zip(LAYOUT, values, strict=True)}
+
+
+def _write_coordinates(group: zarr.Group, plan: Plan) -> None:
+    for name, values in coordinates(plan).items():
+        coord = group.create_array(name, shape=values.shape, dtype=values.dtype,
+                                   chunks=values.shape, fill_value=0, dimension_names=[name],
+                                   overwrite=True)
+        coord[...] = values
+
+
+@contextlib.contextmanager
+def consolidating() -> Iterator[None]:
+    """Around writing consolidated metadata (which xarray looks for first, and warns when it is
+    missing): without zarr's note that it is not yet in the zarr v3 specification."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not")
+        yield
+
+
+def _consolidate(path: Path) -> None:
+    with consolidating():
+        zarr.consolidate_metadata(str(path))
+
+
 def _fsync_path(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -89,7 +143,11 @@ class JobStore:
         self.path = path
         self.group = group
         self.array = array
-        self._done_dir = path / DONE_DIR
+        self.writer: WriterLock | None = None
+
+    @property
+    def _done_dir(self) -> Path:
+        return done_dir(self.path)
 
     # -- opening ----------------------------------------------------------
     @staticmethod
@@ -130,7 +188,8 @@ class JobStore:
     def writable(path: str | os.PathLike[str]) -> bool:
         """Whether the store's directories and metadata can be written (os.access)."""
         p = Path(path)
-        parts = [p, p / "zarr.json", p / ARRAY_NAME, p / ARRAY_NAME / "c", p / DONE_DIR]
+        parts = [p, p / "zarr.json", p / ARRAY_NAME, p / ARRAY_NAME / "c", done_dir(p),
+                 p / ARRAY_NAME / LOCK_FILE]
         return all(os.access(q, os.W_OK) for q in parts if q.exists())
 
     @staticmethod
@@ -185,27 +244,61 @@ class JobStore:
         old = p.with_name(f".{p.name}.replaced-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
+        writer = None
         try:
-            group = zarr.open_group(store=str(tmp), mode="w")
-            group.create_array(
-                ARRAY_NAME, shape=plan.shape, chunks=plan.chunks,
-                dtype=native_dtype(plan.dtype),
-                fill_value=0.0, dimension_names=list(LAYOUT),
-                config={"write_empty_chunks": False})
-            group.attrs["jacstream"] = meta
-            (tmp / DONE_DIR).mkdir()
+            _build(tmp, plan, meta)
+            # Locked before it is in place, so no other writer can take it in between.
+            writer = WriterLock.acquire(tmp / ARRAY_NAME / LOCK_FILE, p)
             if replacing:
                 os.replace(p, old)
             os.replace(tmp, p)
         except OSError as e:
+            if writer is not None:
+                writer.release()
             shutil.rmtree(tmp, ignore_errors=True)
             if old.exists() and not p.exists():
                 os.replace(old, p)  # put the replaced store back
+            if not replacing and e.errno in (errno.ENOTEMPTY, errno.EEXIST) and is_zarr_store(p):
+                raise _made_meanwhile(p) from None
             raise StoreWriteError(f"cannot create the store {str(p)!r}: {e.strerror or e} "
                                   f"({e.filename}). Choose a path on a writable disk with free "
                                   "space.") from e
         shutil.rmtree(old, ignore_errors=True)
-        return cls.open(p, mode="r+")
+        store = cls.open(p, mode="r+")
+        store.writer = writer
+        return store
+
+    # -- the writer lock ----------------------------------------------------
+    def lock(self) -> None:
+        """Take the store's writer lock; StoreLockedError if another process holds it."""
+        if self.writer is None or not self.writer.held:
+            self.writer = WriterLock.acquire(self.path / ARRAY_NAME / LOCK_FILE, self.path)
+
+    def unlock(self) -> None:
+        """Drop the writer lock, if this store holds it."""
+        if self.writer is not None:
+            self.writer.release()
+
+    def upgrade(self) -> None:
+        """Bring a format 1 store to this layout; a writer holding the lock calls it.
+
+        Each step can be repeated, so a run killed half-way is upgraded by the next.
+        """
+        legacy, new = self.path / DONE_DIR, self.path / ARRAY_NAME / DONE_DIR
+        if legacy.is_dir() and not new.exists():
+            os.replace(legacy, new)   # one atomic step
+        elif legacy.is_dir():         # a move that was cut short
+            for name in os.listdir(legacy):
+                os.replace(legacy / name, new / name)
+            legacy.rmdir()
+        if self.meta.get("format", 1) >= FORMAT:
+            return
+        _write_coordinates(self.group, self.plan)
+        self.array.update_attributes({"description": DESCRIPTION})
+        self.group.attrs["jacstream"] = {**self.meta, "format": FORMAT}
+        _consolidate(self.path)
+        fresh = JobStore.open(self.path, mode="r+")  # the group as consolidated
+        self.group, self.array = fresh.group, fresh.array
 
     # -- metadata ---------------------------------------------------------
     @property
@@ -312,11 +405,38 @@ class JobStore:
         self.group.attrs["jacstream"] = meta
 
     def nbytes_stored(self) -> int:
+        """Bytes of the array's chunks and metadata on disk (not jacstream's records)."""
         total = 0
-        for root, _dirs, files in os.walk(self.path / ARRAY_NAME):
+        for root, dirs, files in os.walk(self.path / ARRAY_NAME):
+            dirs[:] = [d for d in dirs if d != DONE_DIR]
             for f in files:
-                total += os.path.getsize(os.path.join(root, f))
+                if f != LOCK_FILE:
+                    total += os.path.getsize(os.path.join(root, f))
         return total
+
+
+def _build(path: Path, plan: Plan, meta: dict[str, Any]) -> None:
+    """A new store at ``path``: the array, its coordinates, metadata, consolidated."""
+    group = zarr.open_group(store=str(path), mode="w")
+    group.create_array(
+        ARRAY_NAME, shape=plan.shape, chunks=plan.chunks, dtype=native_dtype(plan.dtype),
+        attributes={"description": DESCRIPTION}, fill_value=0.0, dimension_names=list(LAYOUT),
+        config={"write_empty_chunks": False})
+    _write_coordinates(group, plan)
+    group.attrs["jacstream"] = meta
+    (path / ARRAY_NAME / DONE_DIR).mkdir()
+    _consolidate(path)
+
+
+def _made_meanwhile(path: Path) -> StoreError:
+    """The error for a store that another process created while this one planned."""
+    try:
+        WriterLock.acquire(path / ARRAY_NAME / LOCK_FILE, path).release()
+    except StoreLockedError as e:
+        return e
+    return StoreMismatchError(f"{str(path)!r} was created by another process while this call "
+                              "was planning. Call again with the same arguments to resume it, "
+                              "or pass overwrite=True to replace it.")
 
 
 def _leading_zero_chunks(data: np.ndarray, chunk: int) -> int:

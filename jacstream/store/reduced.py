@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NotAStoreError, StoreError
+from .jobstore import consolidating
 
 __all__ = ["load_reduced", "save_reduced"]
 
@@ -30,7 +31,8 @@ def save_reduced(result: Any, path: Path) -> None:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.", suffix=".partial"))
     try:
-        ds.to_zarr(str(tmp), mode="w", consolidated=False)
+        with consolidating():   # so that xarray.open_zarr(path) reads it without a warning
+            ds.to_zarr(str(tmp), mode="w", consolidated=True)
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else os.remove(path)
         os.replace(tmp, path)
@@ -46,7 +48,8 @@ def load_reduced(path: str | os.PathLike[str]) -> Any:
 
     p = Path(path)
     try:   # the group's attributes first: listing a full Jacobian store is not needed
-        attrs = dict(zarr.open_group(str(p), mode="r").attrs)
+        group = zarr.open_group(str(p), mode="r")
+        attrs = dict(group.attrs)
     except Exception as e:
         raise NotAStoreError(f"{str(p)!r} is not a reduced result written by jacstream "
                              f"({type(e).__name__}: {e}).") from None
@@ -55,7 +58,8 @@ def load_reduced(path: str | os.PathLike[str]) -> Any:
                 if isinstance(attrs.get("jacstream"), dict) else "")
         raise NotAStoreError(f"{str(p)!r} is a zarr store but not a reduced result written by "
                              f"jacstream.jacobian(..., reduce=...).{hint}")
-    ds = xr.open_zarr(str(p), consolidated=False)
+    # consolidated since the stores of format 2; earlier ones are read without it
+    ds = xr.open_zarr(str(p), consolidated=group.metadata.consolidated_metadata is not None)
     ds = ds.load()
     if ds.attrs.get("jacstream_kind") == "DataArray":
         (name,) = ds.data_vars

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import IncompleteStoreWarning
 from ..planning import LAYOUT, Plan, format_bytes
-from .jobstore import JobStore
+from .jobstore import DESCRIPTION, JobStore, coordinates
 
 if TYPE_CHECKING:
     import dask.array
@@ -154,16 +154,15 @@ class Jacobian:
         return da.from_zarr(self.array)
 
     def to_xarray(self) -> xarray.DataArray:
-        """A lazy ``xarray.DataArray`` with named dims and real timestep coordinates."""
+        """A lazy ``xarray.DataArray`` with named dims and real timestep coordinates.
+
+        The store holds the same coordinates, so ``xarray.open_zarr(path)["jacobian"]``
+        gives this view without jacstream (stores written since format 2).
+        """
         import xarray as xr
 
-        return xr.DataArray(
-            self.to_dask(), dims=LAYOUT,
-            coords={"example": np.arange(self.shape[0]), "out_step": self.out_steps,
-                    "out_feature": np.arange(self.shape[2]), "in_step": self.in_steps,
-                    "in_feature": np.arange(self.shape[4])},
-            name="jacobian", attrs={"description": "d y[example, out_step, out_feature] / "
-                                                   "d x[example, in_step, in_feature]"})
+        return xr.DataArray(self.to_dask(), dims=LAYOUT, coords=coordinates(self.plan),
+                            name="jacobian", attrs={"description": DESCRIPTION})
 
     def summary(self) -> str:
         """A few lines on shape, completion, size on disk and timing."""

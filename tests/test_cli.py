@@ -318,8 +318,7 @@ def test_ctrl_c_says_how_to_resume_with_the_command(files, tmp_path):
                           str(tmp_path / "long.npy"), str(store), "--block-size", "2",
                           "--strategy", "tile", "-q"], env=env, stderr=subprocess.PIPE,
                          text=True)
-    done = store / "jacstream_blocks"
-    while not (done.is_dir() and any(done.iterdir())):
+    while not (done_dir(store).is_dir() and any(done_dir(store).glob("*.done"))):
         assert p.poll() is None, p.stderr.read()[-2000:] if p.stderr else ""
         time.sleep(0.01)
     p.send_signal(signal.SIGINT)

@@ -459,7 +459,8 @@ def test_masked_model_with_a_pointwise_head_is_exact_and_silent(tmp_path):
         warnings.simplefilter("always")
         J = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="tile", progress=False)
     assert [str(w.message) for w in seen] == []
-    assert J.attrs["model_rewrites"] == ["TimeDistributed(time_distributed)"]
+    # (Keras numbers the layer's name by what the process built before)
+    assert [r.split("(")[0] for r in J.attrs["model_rewrites"]] == ["TimeDistributed"]
     assert_jacobian_close(J[...], reference_jacobian(model, x), "masked, pointwise head")
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._tf import keras, tf
-from .recurrence import Recurrent, cell_step
+from .recurrence import Recurrent, builtin_activation, cell_step
 
 __all__ = ["linearize_cell"]
 
@@ -154,7 +154,7 @@ def _closed_form(layer: keras.layers.Layer) -> bool:
     if type(la) in _IDENTITY_AT_INFERENCE:
         return True
     if type(la) in (keras.layers.Dense, keras.layers.Activation):
-        return str(getattr(la.activation, "__module__", "")).startswith("keras.src.activations")
+        return builtin_activation(la.activation)
     return False
 
 

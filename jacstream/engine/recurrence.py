@@ -184,7 +184,7 @@ _BUILTIN_STEPS = (keras.layers.Dense, keras.layers.Dropout, keras.layers.Activat
                   keras.layers.Identity, keras.layers.BatchNormalization)
 
 
-def _builtin_activation(fn: Any) -> bool:
+def builtin_activation(fn: Any) -> bool:
     return fn is None or str(getattr(fn, "__module__", "")).startswith("keras.src.activations")
 
 
@@ -207,7 +207,7 @@ def builtin_chain(model: Any) -> tuple[bool, str]:
         if type(inner) not in _BUILTIN_RNNS + _BUILTIN_STEPS:
             return False, f"{type(inner).__name__}({inner.name}) is not one of Keras' own layers"
         for attr in ("activation", "recurrent_activation"):
-            if not _builtin_activation(getattr(inner, attr, None)):
+            if not builtin_activation(getattr(inner, attr, None)):
                 return False, f"{inner.name} has a custom {attr}"
     return True, ("a chain of Keras' own per-step and forward recurrent layers ("
                   + chain.describe() + ")")

@@ -225,3 +225,21 @@ def test_one_writer_at_a_time_and_a_killed_writer_leaves_no_lock(tmp_path, capsy
     np.testing.assert_allclose(J[...], want, rtol=1e-6)
     read = quiet_read(store, tmp_path)
     assert read["views"][0]["jacobian"].shape == J.shape
+
+
+def test_blocks_are_flushed_with_one_syncfs_where_linux_has_it(tmp_path):
+    # write_block flushes a block's chunk files in one syncfs(2) on Linux (an fsync of each
+    # elsewhere); both paths flush real files, and a failed flush is an OSError, which
+    # write_block turns into a StoreWriteError.
+    import sys
+
+    from jacstream.store import durable
+
+    files = [tmp_path / f"c{i}" for i in range(3)]
+    for f in files:
+        f.write_bytes(b"chunk")
+    assert (durable._syncfs() is not None) == sys.platform.startswith("linux")
+    durable.sync_files(tmp_path, files)
+    durable.sync_files(tmp_path, files + [tmp_path / "never-written"], use_syncfs=False)
+    with pytest.raises(OSError):
+        durable.sync_files(tmp_path / "gone", files)

@@ -18,8 +18,8 @@ records sit inside the array's directory, where zarr never lists. Format 1
 stores (markers in ``store.zarr/jacstream_blocks/``, no coordinate arrays) are
 read as they are and upgraded by the next run that writes them.
 
-A block counts as done only once its chunks are written and fsynced and its
-marker has been renamed into place, so an interrupted run never leaves a
+A block counts as done only once its chunks are written and flushed to disk
+(:mod:`.durable`) and its marker has been renamed into place, so an interrupted run never leaves a
 half-written block that counts as done. No TensorFlow here.
 """
 
@@ -53,6 +53,7 @@ from ..errors import (
 from ..planning import LAYOUT, Block, Plan
 from .dtypes import cast as _cast
 from .dtypes import native_dtype, register_bfloat16
+from .durable import sync_files
 from .lock import WriterLock
 from .rules import is_new, is_zarr_store, refuse_existing
 
@@ -123,17 +124,6 @@ def consolidating() -> Iterator[None]:
 def _consolidate(path: Path) -> None:
     with consolidating():
         zarr.consolidate_metadata(str(path))
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class JobStore:
@@ -344,11 +334,12 @@ class JobStore:
         fd, tmp = tempfile.mkstemp(dir=self._done_dir, suffix=".partial")
         try:
             os.write(fd, json.dumps({"t": time.time()}).encode())
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, final)
-        _fsync_path(self._done_dir)
+        # the block's chunks are durable already: the marker's flush only has to
+        # follow them, and one syncfs covers the file and its directory entry
+        sync_files(self._done_dir, [final, self._done_dir])
 
     # -- writing ----------------------------------------------------------
     def write_block(self, plan: Plan, block: Block, data: np.ndarray, durable: bool = True) -> None:
@@ -378,8 +369,8 @@ class JobStore:
             if c1 > c0:
                 self.array[e0:e1, p0:p1, :, c0:c1, :] = _cast(data, plan.dtype)
             if durable:
-                for key in self._chunk_keys(plan, block, c0, c1):
-                    _fsync_path(self.path / ARRAY_NAME / key)
+                root = self.path / ARRAY_NAME
+                sync_files(root, (root / k for k in self._chunk_keys(plan, block, c0, c1)))
             self._mark_done(block.index)
         except OSError as e:
             hint = ("the disk is full: free some space (or move the store), then call "

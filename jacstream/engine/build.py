@@ -30,14 +30,15 @@ def from_spec(call: Callable[[Any], Any], spec: FunctionSpec) -> BlockFunction:
 
 def validated(call: Callable[[Any], Any], strategy: str, f_in: int, f_out: int, device: str,
               sample: np.ndarray, short: np.ndarray, short_shape: tuple[int, ...],
-              dtype: str = "float32") -> BlockFunction:
+              dtype: str = "float32", y_short: np.ndarray | None = None) -> BlockFunction:
     """Trace strategy ``strategy``'s function and check it against an eager forward pass.
 
     The dynamic signature must give, on the short sample, the output shape the
     eager model gave; otherwise (e.g. Keras TimeDistributed on a dynamic time
     axis) the function is built with static shapes. A strategy with several
     implementations (forward mode) tries them in order; what failed is kept in
-    ``spec.notes``. Raises :class:`~jacstream.errors.StrategyUnavailable` when
+    ``spec.notes``. ``y_short``: the eager outputs on ``short`` where already computed
+    (a check that compares with them need not run the model again). Raises :class:`~jacstream.errors.StrategyUnavailable` when
     an optional strategy cannot differentiate the model at all. ``dtype``: what the
     model computes in (:func:`jacstream.engine.models.compute_dtype`).
     """
@@ -50,7 +51,7 @@ def validated(call: Callable[[Any], Any], strategy: str, f_in: int, f_out: int, 
                 fn = cls(call, FunctionSpec(strategy, impl, int(f_in), int(f_out), device,
                                             static=static, dtype=dtype))
                 try:
-                    yfull = _first_calls(fn, sample, short, short_shape)
+                    yfull = _first_calls(fn, sample, short, short_shape, y_short)
                 except ModelError as e:
                     if not cls.optional:
                         raise
@@ -75,7 +76,8 @@ def validated(call: Callable[[Any], Any], strategy: str, f_in: int, f_out: int, 
 
 
 def _first_calls(fn: BlockFunction, sample: np.ndarray, short: np.ndarray,
-                 short_shape: tuple[int, ...]) -> tuple[int, ...]:
+                 short_shape: tuple[int, ...], y_short: np.ndarray | None = None,
+                 ) -> tuple[int, ...]:
     """Trace ``fn`` and run it once or twice; the model's output shape at full length."""
     if not fn.static:
         _, ys, _ = fn.tiny(short)
@@ -83,7 +85,10 @@ def _first_calls(fn: BlockFunction, sample: np.ndarray, short: np.ndarray,
             raise ValueError(f"traced output shape {ys} != eager {tuple(short_shape)}")
     _, yfull, _ = fn.tiny(sample)
     with side_rows(fn.call, 0, sample.shape[0]):   # short is a prefix of the same examples
-        fn.check(sample if fn.static else short)
+        if fn.static:
+            fn.check(sample)
+        else:
+            fn.check(short, y_short)
     f_out = fn.spec.f_out
     if len(yfull) != 3 or yfull[0] != sample.shape[0] or yfull[2] != f_out:
         raise ModelError(f"the model returned outputs of shape {yfull} for inputs of shape "

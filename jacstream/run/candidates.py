@@ -45,7 +45,7 @@ class Candidates:
 
             m = self.m
             fn = validated(m.call, name, m.f_in, m.f_out, self.dev, m.sample, m.short,
-                           m.y_short.shape, dtype=m.dtype)
+                           m.y_short.shape, dtype=m.dtype, y_short=m.y_short)
             if hasattr(fn, "batch_hint"):   # a cost model from the shapes plans for the batch
                 fn.batch_hint = m.batch
             self.fns[name] = fn

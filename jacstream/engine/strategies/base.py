@@ -123,8 +123,11 @@ class BlockFunction:
         """The traced Jacobian of a block and ``tf.shape`` of the model's output."""
         raise NotImplementedError
 
-    def check(self, x: np.ndarray) -> None:
-        """Extra validation on ``x`` after the first calls (raise ModelError to refuse)."""
+    def check(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        """Extra validation on ``x`` after the first calls (raise ModelError to refuse).
+
+        ``y``: the model's eager outputs on ``x``, where the caller has them.
+        """
 
     def record(self) -> dict[str, Any]:
         """Entries for the store's record of the strategy choice."""

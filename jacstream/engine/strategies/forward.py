@@ -78,7 +78,7 @@ class Forward(BlockFunction):
     def record(self) -> dict[str, Any]:
         return {"forward_impl": self.spec.impl}
 
-    def check(self, x: np.ndarray) -> None:
+    def check(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
         """Raise ModelError unless forward mode agrees with a reverse-mode gradient.
 
         A weighted sum of the first input step's columns must equal the gradient

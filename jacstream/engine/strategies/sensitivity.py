@@ -272,6 +272,16 @@ class Sensitivity(BlockFunction):
         # The forward pass ran over the whole sequence (once per slab).
         return out, (x.shape[0], sw.t_out, self.f_out), x.shape[1]
 
+    def tiny(self, x: np.ndarray) -> Computed:
+        """Output step 0's row of the Jacobian (traces the forward pass and a chunk).
+
+        The chain is causal and keeps its inputs' length, so the row needs only
+        the first chunk of steps swept, not a forward pass over a long sample.
+        """
+        head = x[:, :min(x.shape[1], CHUNK)]
+        out, (e, _, f_out), _ = self(head, np.array([0]), x.shape[1])
+        return out, (e, int(x.shape[1]), f_out), int(x.shape[1])
+
     def blocks(self, plan: Plan, pending: Sequence[Block],
                read: Callable[[Block], np.ndarray]) -> Iterator[tuple[Block, Computed]]:
         """The pending blocks in order, each slab of examples swept once."""
@@ -281,7 +291,7 @@ class Sensitivity(BlockFunction):
             self._sweep = None    # the sweep's arrays go with the run
 
     # -- checks and costs -----------------------------------------------------
-    def check(self, x: np.ndarray) -> None:
+    def check(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
         """Refuse (NotApplicable, with the evidence) a decomposition that is not the model.
 
         On the prefix ``x`` the eager checks ran the model on: the decomposed
@@ -289,11 +299,14 @@ class Sensitivity(BlockFunction):
         the Jacobian must match ordinary reverse-mode gradients of the model
         (which also confirms it is causal). The layers were matched one by one:
         each acts on one step or is a forward recurrence, so what holds on the
-        prefix holds at any length.
+        prefix holds at any length. ``y``: the model's outputs on ``x`` where the
+        eager checks computed them already.
         """
         sw = _Sweep(self, x)
-        with tf.device(self.device):
-            ref_y = np.asarray(call_model(self.call, tf.constant(x)))
+        ref_y = y
+        if ref_y is None or ref_y.shape != sw.y.shape:
+            with tf.device(self.device):
+                ref_y = np.asarray(call_model(self.call, tf.constant(x)))
         close_or_refuse(sw.y, ref_y, "the decomposed forward pass does not reproduce the "
                          "model's outputs", "a layer does more than its known per-step or "
                          "recurrent form")

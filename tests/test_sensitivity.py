@@ -287,3 +287,65 @@ def test_process_settings_are_put_back(tmp_path):
     assert gc.get_freeze_count() == frozen_before
     assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer")
     assert_jacobian_close(J[...], ref, "lstm_td")
+
+
+def _masked(kind: str):
+    """Masked models (padded sequences): Keras carries every RNN's state through a step
+    whose features all equal the mask value."""
+    keras = _keras()
+    L = keras.layers
+    if kind == "stacked":          # Sequential, two RNNs, the first with carried outputs
+        return keras.Sequential([keras.Input((None, 2)), L.Masking(0.0),
+                                 L.LSTM(6, return_sequences=True),
+                                 L.GRU(4, return_sequences=True), L.Dense(2)]), 2, 0.0
+    if kind == "zero_output":      # outputs of masked steps are zeros, not carried
+        return keras.Sequential([keras.Input((None, 1)), L.Masking(0.0),
+                                 L.LSTM(5, return_sequences=True, zero_output_for_mask=True),
+                                 L.Dense(16, activation="relu"), L.Dense(2)]), 1, 0.0
+    inp = keras.Input((None, 1))   # functional: Keras computes the mask with ops beside
+    h = L.Dense(3, activation="tanh")(L.Masking(-1.0)(inp))
+    h = L.SimpleRNN(5, return_sequences=True)(h)
+    return keras.Model(inp, L.TimeDistributed(L.Dense(1))(h)), 1, -1.0
+
+
+@pytest.mark.parametrize("kind", ["stacked", "zero_output", "functional"])
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_masked_sequences_match_batch_jacobian(kind, block_size, tmp_path):
+    model, f_in, value = _masked(kind)
+    x = np.random.default_rng(5).normal(size=(3, T, f_in)).astype("float32")
+    x[0, 0] = value        # the first step masked: the outputs start from the initial state
+    x[1, 15:] = value      # a padded tail
+    x[2, 6:9] = value      # masked steps inside
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", block_size=block_size,
+                           progress=False)
+    assert J.plan.strategy == "sensitivity"
+    assert J.attrs["strategy_choice"]["sensitivity_chain"].startswith("Masking(")
+    ref = reference_jacobian(model, x)
+    assert np.all(ref[2, :, :, 6:9] == 0)    # masked inputs move nothing ...
+    assert_jacobian_close(J[...], ref, f"masked {kind}")
+    assert np.all(J[2, :, :, 6:9] == 0)      # ... here either
+
+
+def test_masked_check_runs_masked_steps():
+    """The check also runs a copy of the prefix with masked steps: a chain that masks the
+    wrong steps (here: told the wrong mask value) is refused, though the prefix itself has
+    no masked step."""
+    model, f_in, _ = _masked("stacked")
+    x = np.random.default_rng(6).normal(size=(2, 16, f_in)).astype("float32")
+    _function(model, f_in, 2).check(x)          # the right mask value: accepted
+    wrong = _function(model, f_in, 2)
+    wrong.chain.mask_value = 7.0                 # before anything is traced
+    with pytest.raises(StrategyUnavailable, match="with masked steps"):
+        wrong.check(x)
+
+
+def test_a_mask_after_other_layers_is_not_swept(tmp_path):
+    keras = _keras()
+    L = keras.layers
+    model = keras.Sequential([keras.Input((None, 1)), L.Dense(2), L.Masking(0.0),
+                              L.LSTM(3, return_sequences=True), L.Dense(1)])
+    x = np.random.default_rng(7).normal(size=(2, 12, 1)).astype("float32")
+    J = jacstream.jacobian(model, x, tmp_path / "j.zarr", progress=False)
+    assert J.plan.strategy != "sensitivity"
+    assert "masks steps" in " ".join(J.attrs["strategy_choice"]["notes"])
+    assert_jacobian_close(J[...], reference_jacobian(model, x), "mask after a layer")

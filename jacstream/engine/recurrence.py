@@ -65,6 +65,9 @@ class Chain:
     rnns: list[Recurrent]
     head: list[keras.layers.Layer]
     names: list[str] = field(default_factory=list)
+    # A Masking layer first: steps whose features all equal this value are masked (every
+    # RNN carries its state through them, as Keras' RNN layers do with the mask).
+    mask_value: float | None = None
 
     @property
     def state_size(self) -> int:
@@ -117,18 +120,29 @@ def _chain_layers(model: Any) -> list[keras.layers.Layer]:
         raise NotApplicable("the model's layer graph cannot be read")
     layers: list[keras.layers.Layer] = []
     prev = None
+    # Tensors of ops outside layers: in a functional model, Keras computes a Masking
+    # layer's mask with ops that feed the RNNs' mask inputs, beside the chain.
+    beside: set[int] = set()
     for depth in sorted(by_depth, reverse=True):     # from the input to the output
-        nodes = by_depth[depth]
-        if len(nodes) != 1:
+        nodes = [n for n in by_depth[depth] if isinstance(n.operation, keras.layers.Layer)]
+        beside.update(id(t) for n in by_depth[depth] if n not in nodes
+                      for t in n.output_tensors)
+        if len(nodes) > 1:
             raise NotApplicable(f"the model branches ({len(nodes)} layers at one depth)")
+        if not nodes:
+            continue
         node = nodes[0]
         layer = node.operation
         if isinstance(layer, keras.layers.InputLayer):
             prev = node.output_tensors[0]
             continue
-        if len(node.input_tensors) != 1 or node.input_tensors[0] is not prev:
+        ins = node.input_tensors
+        if not ins or ins[0] is not prev or any(id(t) not in beside for t in ins[1:]):
             raise NotApplicable(f"layer {layer.name!r} does not take exactly the previous "
                                 "layer's output: not a single chain")
+        if len(ins) > 1 and not any(type(la) is keras.layers.Masking for la in layers):
+            raise NotApplicable(f"layer {layer.name!r} takes a mask that no Masking layer "
+                                "made")
         layers.append(layer)
         prev = node.output_tensors[0]
     if prev is not model.outputs[0]:
@@ -144,10 +158,15 @@ def decompose(model: Any) -> Chain:
     rnns: list[Recurrent] = []
     pending: list[keras.layers.Layer] = []
     names: list[str] = []
+    mask_value = None
     for layer in _chain_layers(model):
         if isinstance(layer, keras.layers.InputLayer):
             continue
         name = f"{type(layer).__name__}({layer.name})"
+        if type(layer) is keras.layers.Masking and not names:
+            mask_value = float(layer.mask_value)
+            names.append(name)
+            continue
         if isinstance(layer, keras.layers.Bidirectional):
             raise NotApplicable(f"{name} runs backwards in time: not a forward recurrence")
         if isinstance(layer, keras.layers.RNN):
@@ -160,12 +179,12 @@ def decompose(model: Any) -> Chain:
             cell = layer.cell
             if isinstance(cell, keras.layers.StackedRNNCells):
                 raise NotApplicable(f"{name} has stacked cells (StackedRNNCells)")
-            rnns.append(Recurrent(layer, pending, _state_sizes(cell),
-                                   int(layer.input.shape[-1])))
+            inp = layer.input[0] if isinstance(layer.input, (list, tuple)) else layer.input
+            rnns.append(Recurrent(layer, pending, _state_sizes(cell), int(inp.shape[-1])))
             pending = []
         elif isinstance(layer, keras.layers.Masking) or getattr(layer, "supports_masking",
                                                                 False) is None:
-            raise NotApplicable(f"{name} masks steps")
+            raise NotApplicable(f"{name} masks steps (only a Masking layer first is swept)")
         elif _is_per_step(layer):
             pending.append(layer)
         else:
@@ -173,7 +192,7 @@ def decompose(model: Any) -> Chain:
         names.append(name)
     if not rnns:
         raise NotApplicable("the model has no recurrent layer")
-    return Chain(rnns, pending, names)
+    return Chain(rnns, pending, names, mask_value)
 
 
 _BUILTIN_RNNS = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)

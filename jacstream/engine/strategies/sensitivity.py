@@ -142,30 +142,43 @@ class Sensitivity(BlockFunction):
         """Every stage's per-step inputs and states ``(E, T, .)``, and the head's output."""
         self.traces += 1
         e, t = tf.shape(x)[0], tf.shape(x)[1]
-        feed, width = x, self.f_in
+        mask = self._mask(x)                      # (E, T, 1) or None
+        feed, width = (x, self.f_in) if mask is None else (tf.where(mask, x, 0), self.f_in)
         us, ss, inits = [], [], []
         for rnn in self.chain.rnns:
             u = tf.reshape(apply_steps(rnn.before, tf.reshape(feed, [e * t, width])),
                            [e, t, rnn.in_size])
-            s, s0 = self._scan(rnn, u)
+            s, s0 = self._scan(rnn, u, mask)
             inits.append(s0)
             us.append(u)
             ss.append(s)
             feed, width = s[:, :, :rnn.out_size], rnn.out_size
+            if mask is not None and rnn.layer.zero_output_for_mask:
+                feed = tf.where(mask, feed, 0)
         y = apply_steps(self.chain.head, tf.reshape(feed, [e * t, width]))
         return us, ss, inits, tf.reshape(y, [e, t, -1])
 
-    def _scan(self, rnn: Recurrent, u: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _mask(self, x: tf.Tensor) -> tf.Tensor | None:
+        """Keras' Masking: ``True`` where some feature differs from the mask value."""
+        if self.chain.mask_value is None:
+            return None
+        return tf.reduce_any(tf.not_equal(x, tf.cast(self.chain.mask_value, x.dtype)),
+                             axis=-1, keepdims=True)
+
+    def _scan(self, rnn: Recurrent, u: tf.Tensor,
+              mask: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         e, t = tf.shape(u)[0], tf.shape(u)[1]
         init = tf.zeros([e, rnn.size], u.dtype)
         if hasattr(rnn.cell, "get_initial_state"):
             st = tf.nest.flatten(rnn.cell.get_initial_state(batch_size=e))
             init = tf.concat([tf.cast(v, u.dtype) for v in st], axis=-1)
         ut = tf.transpose(u, [1, 0, 2])
+        mt = None if mask is None else tf.transpose(mask, [1, 0, 2])
         ta = tf.TensorArray(u.dtype, size=t)
 
         def body(k: tf.Tensor, s: tf.Tensor, ta: tf.TensorArray) -> tuple[Any, ...]:
-            s = cell_step(rnn, ut[k], s)
+            new = cell_step(rnn, ut[k], s)
+            s = new if mt is None else tf.where(mt[k], new, s)   # a masked step carries s
             return k + 1, s, ta.write(k, s)
 
         _, _, ta = tf.while_loop(lambda k, *_: k < t, body, (0, init, ta))
@@ -202,7 +215,15 @@ class Sensitivity(BlockFunction):
         last = rnns[-1]
         c_t = self._per_step_t(self.chain.head, _cell_out(last, new[-1]), self.f_out)
         ct = tf.pad(c_t, [[0, 0], [size - last.size, last.size - last.out_size], [0, 0]])
-        return tf.concat(at_cols, axis=2), tf.concat(bt_cols, axis=2), ct
+        at, bt = tf.concat(at_cols, axis=2), tf.concat(bt_cols, axis=2)
+        mask = self._mask(x)
+        if mask is not None:   # a masked step: every state carried (A = I), no input (B = 0)
+            m = mask[:, :, None]
+            at = tf.where(m, at, tf.eye(size, dtype=at.dtype))
+            bt = tf.where(m, bt, tf.zeros_like(bt))
+            if last.layer.zero_output_for_mask:   # and the head sees zeros
+                ct = tf.where(m, ct, tf.zeros_like(ct))
+        return at, bt, ct
 
     def _per_step_t(self, layers: Sequence[keras.layers.Layer], rows: tf.Tensor,
                     n_out: int) -> tf.Tensor:
@@ -300,21 +321,31 @@ class Sensitivity(BlockFunction):
         (which also confirms it is causal). The layers were matched one by one:
         each acts on one step or is a forward recurrence, so what holds on the
         prefix holds at any length. ``y``: the model's outputs on ``x`` where the
-        eager checks computed them already.
+        eager checks computed them already. A chain with a Masking layer is also
+        checked on a copy of ``x`` with masked steps (inside and at the end).
         """
+        self._check_on(x, y, "")
+        if self.chain.mask_value is not None and x.shape[1] >= 4:
+            xm = np.array(x)
+            t = x.shape[1]
+            xm[:, [1, t // 2, t // 2 + 1]] = self.chain.mask_value
+            xm[1:, t - 2:] = self.chain.mask_value           # a padded tail
+            self._check_on(xm, None, " with masked steps")
+        self._sweep = None
+
+    def _check_on(self, x: np.ndarray, y: np.ndarray | None, which: str) -> None:
         sw = _Sweep(self, x)
         ref_y = y
         if ref_y is None or ref_y.shape != sw.y.shape:
             with tf.device(self.device):
                 ref_y = np.asarray(call_model(self.call, tf.constant(x)))
         close_or_refuse(sw.y, ref_y, "the decomposed forward pass does not reproduce the "
-                         "model's outputs", "a layer does more than its known per-step or "
-                         "recurrent form")
+                         f"model's outputs{which}", "a layer does more than its known "
+                         "per-step or recurrent form")
         mine = sw.rows(np.arange(x.shape[1]), x.shape[1])
         ref = reverse_reference(self.call, x, self.f_out, self.device)
         close_or_refuse(mine, ref, "the decomposed Jacobian differs from reverse-mode "
-                         f"gradients of the model on the first {x.shape[1]} steps", "")
-        self._sweep = None
+                         f"gradients of the model on the first {x.shape[1]} steps{which}", "")
 
     def cost_model(self) -> CostModel:
         """The working memory of a block, from the shapes (nothing to probe).

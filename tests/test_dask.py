@@ -136,6 +136,34 @@ def wait_idle(client, timeout=30.0):
     raise AssertionError("the cluster did not go idle")
 
 
+def in_thread(call):
+    """Start ``call()`` in a thread: the thread, and a dict that gets its "result" or "error"."""
+    out = {}
+
+    def run():
+        try:
+            out["result"] = call()
+        except BaseException as e:   # surfaced by finish_after_kill
+            out["error"] = e
+
+    th = threading.Thread(target=run)
+    th.start()
+    return th, out
+
+
+def finish_after_kill(client, th, out, pid):
+    """Kill worker process ``pid``; the run in ``th`` must still finish: its result."""
+    os.kill(pid, signal.SIGKILL)
+    th.join(120)
+    try:
+        client.run(slow_markers, 0)
+    except Exception:
+        pass
+    assert not th.is_alive(), "the distributed run did not finish after a worker died"
+    assert "error" not in out, out.get("error")
+    return out["result"]
+
+
 def n_markers(path):
     d = done_dir(path)
     return sum(n.endswith(".done") for n in os.listdir(d)) if os.path.isdir(d) else 0
@@ -333,32 +361,15 @@ def test_killed_worker_still_gives_complete_identical_result(client, tmp_path, l
     victim_addr, victim = sorted(pids.items())[0]
     # Most of each block's time is then spent between its chunks and its marker.
     client.run(slow_markers, 0.15)
-    out = {}
-
-    def run():
-        try:
-            out["result"] = jacstream.jacobian(model, x, path, client=client, strategy="pfor",
-                                               **OPTS)
-        except BaseException as e:   # surfaced below
-            out["error"] = e
-
-    th = threading.Thread(target=run)
-    th.start()
+    th, out = in_thread(lambda: jacstream.jacobian(model, x, path, client=client,
+                                                   strategy="pfor", **OPTS))
     end = time.monotonic() + 60
     while time.monotonic() < end and th.is_alive() and not (
             n_markers(path) >= 8 and client.run(_executing, workers=[victim_addr])[victim_addr]):
         time.sleep(0.01)
     done_at_kill = n_markers(path)
-    os.kill(victim, signal.SIGKILL)
-    th.join(120)
-    try:
-        client.run(slow_markers, 0)
-    except Exception:
-        pass
-    assert not th.is_alive(), "the distributed run did not finish after a worker died"
-    assert "error" not in out, out.get("error")
+    res = finish_after_kill(client, th, out, victim)
     assert 8 <= done_at_kill < N_BLOCKS, done_at_kill
-    res = out["result"]
     assert res.complete and n_markers(path) == N_BLOCKS
     # Bitwise: the same traced function on the same blocks, whichever worker ran them.
     assert np.array_equal(full(res), expected)
@@ -409,3 +420,161 @@ def test_several_inputs_distributed_equals_local_bitwise(client, tmp_path):
                               client=client, **OPTS)
     assert dist.complete
     assert full(dist).tobytes() == full(local).tobytes(), "distributed != local (bitwise)"
+
+
+# --------------------------------------------------------------------------- one task per slab
+def carried_by_model(dask_worker=None):
+    """On a worker: column steps its sensitivity functions carried so far, per model token."""
+    from jacstream.run import worker
+
+    return {token: m.fn.run_info()["sensitivity"]["column_steps_carried"]
+            for token, m in worker._MODELS.items() if hasattr(m.fn, "run_info")}
+
+
+def carried_since(client, before):
+    """Column steps the workers' sensitivity functions carried since ``before``."""
+    after = client.run(carried_by_model)
+    return sum(n - before.get(addr, {}).get(token, 0)
+               for addr, counts in after.items() for token, n in counts.items())
+
+
+def jacstream_keys(task_stream, kind):
+    keys = [ts["key"] for ts in task_stream.data]
+    return sorted(k for k in keys if isinstance(k, str) and k.startswith(f"jacstream-{kind}-"))
+
+
+def done_indices(path):
+    return {int(n[:-5]) for n in os.listdir(done_dir(path)) if n.endswith(".done")}
+
+
+@pytest.fixture(scope="module")
+def sensitivity_local(tmp_path_factory):
+    """A local sensitivity run of 20 blocks (2 slabs of examples x 10 blocks of steps)."""
+    model, x = lstm_model(), inputs(3)
+    res = jacstream.jacobian(model, x, tmp_path_factory.mktemp("sens") / "j.zarr",
+                             strategy="sensitivity", **OPTS)
+    assert res.complete and res.n_blocks == N_BLOCKS
+    assert_jacobian_close(full(res), reference(model, x), "local sensitivity vs batch_jacobian")
+    return model, x, res
+
+
+def test_sensitivity_one_task_per_slab_sweeps_each_slab_once(client, tmp_path,
+                                                             sensitivity_local):
+    """A slab's blocks go to one task that sweeps once: the same bits as the local run, and
+    the workers carry the columns of two sweeps (one per slab), as the local run's blocks do.
+    """
+    from distributed import get_task_stream
+
+    model, x, local = sensitivity_local
+    # The local record counts the validation's sweeps too (short prefixes); a second
+    # local run on a plan of one slab tells them apart: its blocks sweep once.
+    one = jacstream.jacobian(model, x, tmp_path / "one.zarr", strategy="sensitivity",
+                             block_size=4, examples_per_block=BATCH, progress=False)
+    two_sweeps = local.attrs["runs"][-1]["sensitivity"]["column_steps_carried"]
+    one_sweep = one.attrs["runs"][-1]["sensitivity"]["column_steps_carried"]
+    per_slab = two_sweeps - one_sweep
+    assert per_slab > 0
+    before = client.run(carried_by_model)
+    seen = []
+    with get_task_stream(client=client) as ts:
+        dist = jacstream.jacobian(model, x, tmp_path / "dist.zarr", strategy="sensitivity",
+                                  client=client, on_block=seen.append, **OPTS)
+    assert dist.complete and dist.plan.strategy == "sensitivity"
+    assert np.array_equal(full(dist), full(local)), "distributed != local (bitwise)"
+    assert sorted(b.index for b in seen) == list(range(N_BLOCKS))   # each block once
+    assert len(jacstream_keys(ts, "slab")) == 2 and not jacstream_keys(ts, "block")
+    assert carried_since(client, before) == 2 * per_slab
+    run = dist.attrs["runs"][-1]
+    assert run["blocks_computed"] == N_BLOCKS
+    assert sum(w["blocks"] for w in run["workers"].values()) == N_BLOCKS
+
+
+def test_sensitivity_resume_on_dask_computes_only_missing_blocks(client, tmp_path,
+                                                                 sensitivity_local):
+    """A finished store with some markers removed (blocks of both slabs, not the first ones
+    of a slab): the dask run computes exactly those, sweeping each slab once."""
+    model, x, local = sensitivity_local
+    path = tmp_path / "j.zarr"
+    res = jacstream.jacobian(model, x, path, strategy="sensitivity", **OPTS)
+    assert res.complete
+    missing = [3, 4, 8, 15]       # slab 0 holds blocks 0-9, slab 1 blocks 10-19
+    for i in missing:
+        os.remove(done_dir(path) / f"{i:08d}.done")
+    assert done_indices(path) == set(range(N_BLOCKS)) - set(missing)
+    seen = []
+    dist = jacstream.jacobian(model, x, path, strategy="sensitivity", client=client,
+                              on_block=seen.append, **OPTS)
+    assert dist.complete and done_indices(path) == set(range(N_BLOCKS))
+    assert sorted(b.index for b in seen) == missing
+    run = dist.attrs["runs"][-1]
+    assert run["executor"] == "dask"
+    assert run["blocks_computed"] == len(missing)
+    assert run["blocks_skipped"] == N_BLOCKS - len(missing)
+    assert sorted(dist.stats["computed_blocks"]) == missing
+    # The same bits: every sweep cuts the same chunks from step 0.
+    assert np.array_equal(full(dist), full(local))
+
+
+def test_slab_task_progress_follows_markers(client, tmp_path, sensitivity_local):
+    """One slab task of 10 blocks: blocks are announced as their markers appear, while the
+    task still runs, not all at once when it returns."""
+    model, x, local = sensitivity_local
+    while_running = []
+
+    def on_block(block):
+        while_running.append(any(client.run(_executing).values()))
+
+    client.run(slow_markers, 0.3)     # the task then runs for 3 s or more
+    try:
+        dist = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="sensitivity",
+                                  client=client, on_block=on_block, block_size=4,
+                                  examples_per_block=BATCH, progress=False)
+    finally:
+        client.run(slow_markers, 0)
+    assert dist.complete and dist.n_blocks == 10
+    assert len(while_running) == 10
+    assert while_running[0], "the first block was announced only when its task returned"
+    assert_jacobian_close(full(dist), full(local), "one slab of 4 vs two of 2 examples")
+
+
+def test_non_sweeping_strategy_keeps_one_task_per_block(client, tmp_path, lstm_local):
+    from distributed import get_task_stream
+
+    model, x, expected = lstm_local
+    with get_task_stream(client=client) as ts:
+        dist = jacstream.jacobian(model, x, tmp_path / "j.zarr", strategy="pfor",
+                                  client=client, **OPTS)
+    assert dist.complete
+    blocks = jacstream_keys(ts, "block")
+    assert len(blocks) == N_BLOCKS and not jacstream_keys(ts, "slab")
+    assert sorted(int(k.split("-")[2]) for k in blocks) == list(range(N_BLOCKS))
+    assert np.array_equal(full(dist), expected)
+
+
+def test_killed_slab_task_keeps_its_blocks_and_the_retry_skips_them(client, tmp_path):
+    """Kills the worker running a slab's task midway: the blocks it finished stay done, the
+    task runs again elsewhere and computes only the rest, and the result is the local one."""
+    model, x = lstm_model(), inputs(4)
+    one_slab = {**OPTS, "examples_per_block": BATCH}    # one task of 10 blocks
+    local = jacstream.jacobian(model, x, tmp_path / "local.zarr", strategy="sensitivity",
+                               **one_slab)
+    path = tmp_path / "j.zarr"
+    client.run(slow_markers, 0.3)
+    th, out = in_thread(lambda: jacstream.jacobian(model, x, path, client=client,
+                                                   strategy="sensitivity", **one_slab))
+    end = time.monotonic() + 60
+    busy = []
+    while time.monotonic() < end and th.is_alive() and not busy:
+        if n_markers(path) >= 3:
+            busy = [a for a, n in client.run(_executing).items() if n]
+        time.sleep(0.01)
+    assert busy, "no worker was running the slab's task"
+    done_at_kill = n_markers(path)
+    res = finish_after_kill(client, th, out, client.run(os.getpid, workers=busy)[busy[0]])
+    assert 3 <= done_at_kill < 10, done_at_kill
+    assert res.complete and n_markers(path) == 10
+    run = res.attrs["runs"][-1]
+    # The retry found the killed attempt's blocks marked and skipped them.
+    assert run["blocks_skipped"] >= done_at_kill
+    assert run["blocks_computed"] + run["blocks_skipped"] == 10
+    assert np.array_equal(full(res), full(local))

@@ -2,20 +2,24 @@
 
 The client (the process that calls :func:`jacstream.jacobian`) validates,
 plans and creates the store exactly as a local run does, then submits one
-task per block not yet done. Each worker process loads the model once (from
-``.keras`` bytes, or cloudpickle for plain callables), prepares it and traces
+task per block not yet done, or, for a strategy that sweeps in time
+(``sensitivity``), one task per slab of examples that computes the slab's
+pending blocks in order with one sweep. Each worker process loads the model
+once (from ``.keras`` bytes, or cloudpickle for plain callables), prepares it and traces
 the block function from the spec the client validated (:mod:`jacstream.run.worker`),
 then computes its blocks and writes them as whole chunks straight into the
 shared store with :meth:`JobStore.write_block` (chunks fsynced, then the
-completion marker).
-Tasks return a few numbers, so the client never holds Jacobian data.
+completion marker), each block as soon as it is computed.
+Tasks return a few numbers per block, so the client never holds Jacobian data;
+the progress bar follows the completion markers as they appear.
 
 The completion markers are the local ones, so a distributed run can be
 resumed locally and the other way round. A worker that dies mid-block leaves
 that block unmarked; the scheduler runs the task again elsewhere, and a task
-whose block is already marked returns at once. Each worker computes one block
-at a time (a process-wide lock), so the memory budget of the plan holds per
-worker process, as it does for a local run. Models reach the workers through
+skips the blocks already marked (a retried slab's task computes only the
+blocks its first attempt did not finish). Each worker computes one block at a
+time (a process-wide lock), so the memory budget of the plan holds per worker
+process, as it does for a local run. Models reach the workers through
 :mod:`jacstream.engine.io`; nothing here imports TensorFlow.
 """
 
@@ -27,7 +31,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,15 +41,21 @@ import numpy as np
 from .. import events
 from ..errors import BudgetError, ClusterError, InputError, StoreError
 from ..planning import Block, Plan, format_bytes
+from ..planning.strategies import REGISTRY
 from ..store.jobstore import JobStore, done_dir
 from .blocks import RunStats
 from .progress import BlockBar, say_interrupted
-from .worker import run_block
+from .worker import run_block, run_slab
 
 __all__ = ["ClusterError", "DaskRunStats", "check_client", "connect", "default_worker_budget",
            "run_dask"]
 
-KEY_PREFIX = "jacstream-block"
+# Task keys: jacstream-block-<block>-<run> (one block), jacstream-slab-<first example>-<run>
+# (the pending blocks of one slab of examples, for a strategy that sweeps in time).
+BLOCK_KEY = "jacstream-block"
+SLAB_KEY = "jacstream-slab"
+# While tasks run, the client reads the store's completion markers this often (progress).
+POLL_SECONDS = 0.5
 
 
 # =========================================================================== client side
@@ -228,20 +238,34 @@ def run_dask(plan: Plan, store: JobStore, inputs: Any, model: Any, *, client: An
         "device": device, "sample": np.ascontiguousarray(sample), "function": fn_spec,
         "t_out": int(t_out), "on_nonfinite": on_nonfinite, "inputs": ref,
     }
+    tasks = _tasks(plan, pending, spec["run"])
     with events.phase("blocks", f"{len(pending)} of {plan.n_blocks} blocks on dask"):
-        futures, inputs_fs = _submit(client, spec, model_payload(model), pending, inputs, ref,
+        futures, inputs_fs = _submit(client, spec, model_payload(model), tasks, inputs, ref,
                                      retries)
-        _collect(client, futures, stats, store, plan, progress, on_nonfinite, on_block)
+        _collect(client, futures, tasks, stats, store, plan, progress, on_nonfinite,
+                 on_block)
         del inputs_fs
     stats.wall_seconds = time.perf_counter() - t_start
     return stats
 
 
+def _tasks(plan: Plan, pending: list[Block], run_id: str) -> dict[str, list[Block]]:
+    """``{key: blocks}``: one task per pending block, or, for a strategy that sweeps in
+    time, one per slab of examples (its pending blocks in order: one sweep)."""
+    info = REGISTRY.get(plan.strategy)
+    if info is None or not info.sweeps:
+        return {f"{BLOCK_KEY}-{b.index:08d}-{run_id}": [b] for b in pending}
+    slabs: dict[tuple[int, int], list[Block]] = {}
+    for b in pending:   # in plan order: by slab, then by output steps
+        slabs.setdefault(b.examples, []).append(b)
+    return {f"{SLAB_KEY}-{e0:08d}-{run_id}": blocks for (e0, _), blocks in slabs.items()}
+
+
 def _submit(client: Any, spec: dict[str, Any], payload: tuple[str, bytes],
-            pending: list[Block], inputs: Any, ref: Any,
+            tasks: dict[str, list[Block]], inputs: Any, ref: Any,
             retries: int) -> tuple[dict[str, Any], list[Any]]:
-    """One task per pending block: ``{key: future}``, and the futures of what they read
-    (held until the run ends)."""
+    """Submit ``tasks`` (see :func:`_tasks`): ``{key: future}``, and the futures of what
+    they read (held until the run ends)."""
     run_id = spec["run"]
     # The model, the spec and the input slabs enter the cluster once, as tasks that
     # return them: tasks depend on them by future, and unlike scattered data the
@@ -250,39 +274,63 @@ def _submit(client: Any, spec: dict[str, Any], payload: tuple[str, bytes],
     spec_f = _constant(client, spec, f"jacstream-spec-{run_id}")
     slab_fs: dict[int, Any] = {}
     if ref is None:
-        for e0, e1 in sorted({b.examples for b in pending}):
+        for e0, e1 in sorted({bs[0].examples for bs in tasks.values()}):
             slab = np.ascontiguousarray(np.asarray(inputs[e0:e1]))
             slab_fs[e0] = _constant(client, slab, f"jacstream-inputs-{e0:08d}-{run_id}")
-    keys = [f"{KEY_PREFIX}-{b.index:08d}-{run_id}" for b in pending]
-    futures = client.map(run_block, [b.index for b in pending],
-                         [slab_fs.get(b.examples[0]) for b in pending],
-                         key=keys, spec=spec_f, model=model_f, retries=retries, pure=False)
+    keys = list(tasks)
+    slabs = [slab_fs.get(tasks[k][0].examples[0]) for k in keys]
+    per_block = all(k.startswith(BLOCK_KEY) for k in keys)
+    body, what = ((run_block, [tasks[k][0].index for k in keys]) if per_block else
+                  (run_slab, [[b.index for b in tasks[k]] for k in keys]))
+    futures = client.map(body, what, slabs, key=keys, spec=spec_f, model=model_f,
+                         retries=retries, pure=False)
     return dict(zip(keys, futures, strict=True)), [model_f, spec_f, *slab_fs.values()]
 
 
-def _collect(client: Any, remaining: dict[str, Any], stats: DaskRunStats, store: JobStore,
-             plan: Plan, progress: bool, on_nonfinite: str,
-             on_block: Callable[[Block], None] | None) -> None:
-    """Wait for the tasks, account for each as it finishes; cancel the rest on an error."""
-    from distributed import as_completed
+def _collect(client: Any, remaining: dict[str, Any], tasks: dict[str, list[Block]],
+             stats: DaskRunStats, store: JobStore, plan: Plan, progress: bool,
+             on_nonfinite: str, on_block: Callable[[Block], None] | None) -> None:
+    """Wait for the tasks, account for each as it finishes; cancel the rest on an error.
 
-    done = {b.index for b in plan.blocks} - {int(k.split("-")[2]) for k in remaining}
-    bar = BlockBar(plan, done, "jacobian (dask)", progress)
-    try:
-        for fut in as_completed(list(remaining.values())):
-            try:
-                meta = fut.result()
-            except Exception as e:
-                _add_context(e, fut.key)
-                raise
-            # Drop the finished future: a result lost with its worker is then not recomputed.
-            del remaining[fut.key]
-            if "error" in meta:
-                raise meta["error"]
-            _account(stats, meta, plan, on_nonfinite)
-            bar.advance(plan.block(meta["index"]))
+    While waiting, the store's completion markers are read every
+    :data:`POLL_SECONDS`, so the bar (and ``on_block``) follows the blocks a slab's
+    task has written before the task returns; each block is announced once.
+    """
+    from distributed import wait
+
+    mine = {b.index for blocks in tasks.values() for b in blocks}
+    bar = BlockBar(plan, {b.index for b in plan.blocks} - mine, "jacobian (dask)", progress)
+    announced: set[int] = set()
+
+    def finished(indices: Iterable[int]) -> None:
+        for i in sorted(set(indices) & mine - announced):
+            announced.add(i)
+            bar.advance(plan.block(i))
             if on_block is not None:
-                on_block(plan.block(meta["index"]))
+                on_block(plan.block(i))
+
+    try:
+        while remaining:
+            try:
+                done = wait(list(remaining.values()), timeout=POLL_SECONDS,
+                            return_when="FIRST_COMPLETED").done
+            except TimeoutError:
+                done = set()
+            finished(store.done_blocks())
+            for fut in done:
+                try:
+                    result = fut.result()
+                except Exception as e:
+                    _add_context(e, tasks[fut.key])
+                    raise
+                # Drop the finished future: a result lost with its worker is then not
+                # recomputed.
+                del remaining[fut.key]
+                for meta in result if isinstance(result, list) else [result]:
+                    if "error" in meta:
+                        raise meta["error"]
+                    _account(stats, meta, plan, on_nonfinite)
+                    finished([meta["index"]])
     except BaseException as exc:
         client.cancel(list(remaining.values()))
         if isinstance(exc, KeyboardInterrupt):
@@ -296,10 +344,16 @@ def _collect(client: Any, remaining: dict[str, Any], stats: DaskRunStats, store:
         remaining.clear()
 
 
-def _add_context(e: BaseException, key: str) -> None:
+def _add_context(e: BaseException, blocks: list[Block]) -> None:
     if not hasattr(e, "add_note"):
         return
-    note = f"jacstream: block {int(key.split('-')[2])} failed on the dask cluster"
+    if len(blocks) == 1:
+        what = f"block {blocks[0].index}"
+    else:
+        e0, e1 = blocks[0].examples
+        what = (f"the task for examples {e0}..{e1 - 1} (blocks "
+                f"{', '.join(str(b.index) for b in blocks)})")
+    note = f"jacstream: {what} failed on the dask cluster"
     if type(e).__name__ == "KilledWorker":
         note += ("; every worker that ran it died (out of memory? lower memory_budget or "
                  "block_size, or raise the workers' memory limit)")

@@ -1,4 +1,5 @@
-"""The dask worker side of a distributed run: one task computes and writes one block.
+"""The dask worker side of a distributed run: a task computes and writes one block, or the
+blocks of one slab of examples in order (a strategy that sweeps in time).
 
 Each worker process loads the model once (from ``.keras`` bytes, or cloudpickle
 for plain callables), prepares it as the client did and builds the block
@@ -26,9 +27,9 @@ from .._memory import current_rss, release_free_memory_above
 from ..errors import JacstreamError, StoreWriteError
 from ..planning import Block, Plan
 from ..store import JobStore
-from .blocks import checked_blocks
+from .blocks import Checked, checked_blocks
 
-__all__ = ["run_block"]
+__all__ = ["run_block", "run_slab"]
 
 # Loaded models kept per worker process (a worker may serve a few jobs in turn).
 _CACHE_SIZE = 2
@@ -95,6 +96,11 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _new_meta(index: int) -> dict[str, Any]:
+    return {"index": index, "worker": worker_name(), "skipped": False, "setup_seconds": 0.0,
+            "traces": 0}
+
+
 def run_block(index: int, slab: np.ndarray | None, *, spec: dict[str, Any],
               model: tuple[str, bytes]) -> dict[str, Any]:
     """Task body: compute block ``index`` and write it; return only small metadata.
@@ -103,36 +109,79 @@ def run_block(index: int, slab: np.ndarray | None, *, spec: dict[str, Any],
     output, NaN with ``on_nonfinite="raise"``) is returned, not raised, so
     dask does not retry it; other errors are raised and retried.
     """
-    meta: dict[str, Any] = {"index": index, "worker": worker_name(), "skipped": False,
-                            "setup_seconds": 0.0, "traces": 0}
+    (meta,) = run_slab([index], slab, spec=spec, model=model)
+    return meta
+
+
+def run_slab(indices: list[int], slab: np.ndarray | None, *, spec: dict[str, Any],
+             model: tuple[str, bytes]) -> list[dict[str, Any]]:
+    """Task body: compute blocks ``indices`` (one slab of examples) in order, writing each.
+
+    The blocks go through one call of :func:`checked_blocks`, so a strategy that
+    sweeps in time sweeps the slab once. Each block is written (chunks, then its
+    completion marker) as soon as it is computed, before the next is computed:
+    a task killed midway keeps its finished blocks, and a retried task skips the
+    blocks marked done. Returns one metadata dict per block, in order; a
+    :class:`JacstreamError` (which would recur on any worker) ends the list as
+    the ``"error"`` of the block it happened on, so dask does not retry it;
+    other errors are raised (and retried).
+    """
+    metas = [_new_meta(i) for i in indices]
     try:
         with _LOCK:
             run = _worker_run(spec)
-            if run.store.is_done(index):
-                meta["skipped"] = True
-                return meta   # done by another attempt or run: nothing to redo
+            todo = []
+            for meta in metas:
+                # done by another attempt or run: nothing to redo
+                meta["skipped"] = run.store.is_done(meta["index"])
+                if not meta["skipped"]:
+                    todo.append(meta)
+            if not todo:
+                return metas
             wm, cached = _worker_model(spec, model)
-            meta["setup_seconds"] = 0.0 if cached else round(wm.setup_seconds, 3)
-
-            def read(block: Block) -> np.ndarray:
-                e0, e1 = block.examples
-                return slab if slab is not None else np.asarray(run.inputs[e0:e1])
-
-            (item,) = checked_blocks(wm.fn, run.plan, [run.plan.block(index)], read,
-                                     t_out=spec["t_out"], on_nonfinite=spec["on_nonfinite"],
-                                     where=f" on dask worker {meta['worker']}")
-            meta["compute_seconds"] = item.seconds
-            meta["traces"] = wm.fn.traces
-        if item.nonfinite is not None:
-            meta["nonfinite"] = item.nonfinite
-        t0 = time.perf_counter()
-        run.store.write_block(run.plan, item.block, item.data)
-        meta["write_seconds"] = time.perf_counter() - t0
-        del item
-        release_free_memory_above(wm.rss + run.plan.estimated_peak)   # see run_local
-        return meta
+            todo[0]["setup_seconds"] = 0.0 if cached else round(wm.setup_seconds, 3)
+            last = _compute_and_write(run, wm, spec, slab, todo)
+        _write(run, wm, *last)   # the lock is free while the last block is written
+        return metas
     except StoreWriteError:
         raise   # may be transient (a network filesystem): let dask retry it
     except JacstreamError as e:
-        meta["error"] = e
-        return meta
+        failed = next((m for m in metas if not m["skipped"] and "write_seconds" not in m),
+                      metas[-1])
+        failed["error"] = e
+        return metas[:metas.index(failed) + 1]
+
+
+def _compute_and_write(run: _WorkerRun, wm: _WorkerModel, spec: dict[str, Any],
+                       slab: np.ndarray | None,
+                       todo: list[dict[str, Any]]) -> tuple[Checked, dict[str, Any]]:
+    """Compute the blocks of ``todo`` in order, writing each but the last; the last
+    (computed, not yet written) and its metadata."""
+    def read(block: Block) -> np.ndarray:
+        e0, e1 = block.examples
+        return slab if slab is not None else np.asarray(run.inputs[e0:e1])
+
+    blocks = [run.plan.block(m["index"]) for m in todo]
+    items = checked_blocks(wm.fn, run.plan, blocks, read, t_out=spec["t_out"],
+                           on_nonfinite=spec["on_nonfinite"],
+                           where=f" on dask worker {todo[0]['worker']}")
+    last: tuple[Checked, dict[str, Any]] | None = None
+    for item, meta in zip(items, todo, strict=True):
+        meta["compute_seconds"] = item.seconds
+        meta["traces"] = wm.fn.traces
+        if item.nonfinite is not None:
+            meta["nonfinite"] = item.nonfinite
+        if meta is todo[-1]:
+            last = (item, meta)
+        else:
+            _write(run, wm, item, meta)   # before the next block is computed
+        del item
+    assert last is not None
+    return last
+
+
+def _write(run: _WorkerRun, wm: _WorkerModel, item: Checked, meta: dict[str, Any]) -> None:
+    t0 = time.perf_counter()
+    run.store.write_block(run.plan, item.block, item.data)
+    meta["write_seconds"] = time.perf_counter() - t0
+    release_free_memory_above(wm.rss + run.plan.estimated_peak)   # see run_local

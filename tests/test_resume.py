@@ -138,18 +138,20 @@ def small_job():
 
 
 def test_disk_full_is_reported_and_resumable(small_job, tmp_path, monkeypatch):
-    import zarr.storage._local as local
+    # the function that writes each chunk file (jacstream.store.chunks); the real full
+    # filesystem is the next test's (it needs root)
+    import jacstream.store.chunks as local
 
     model, x, ref = small_job
     real_put = local._put
     calls = {"n": 0}
 
-    def put_until_full(path, value, exclusive=False):
+    def put_until_full(path, data):
         if "jacobian/c/" in str(path).replace(os.sep, "/"):
             calls["n"] += 1
             if calls["n"] > 4:
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_put(path, value, exclusive=exclusive)
+        return real_put(path, data)
 
     monkeypatch.setattr(local, "_put", put_until_full)
     store = tmp_path / "j.zarr"

@@ -243,3 +243,53 @@ def test_blocks_are_flushed_with_one_syncfs_where_linux_has_it(tmp_path):
     durable.sync_files(tmp_path, files + [tmp_path / "never-written"], use_syncfs=False)
     with pytest.raises(OSError):
         durable.sync_files(tmp_path / "gone", files)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_chunk_files_are_the_ones_zarr_writes(dtype, tmp_path):
+    # jacstream writes a block's chunks straight to their files (store/chunks.py); zarr's
+    # own Array.__setitem__ must write the very same bytes: interior, edge (padded) and
+    # all-zero chunks (not stored), for every storage dtype.
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from jacstream.store.chunks import direct_codec, write_chunks
+    from jacstream.store.dtypes import cast, native_dtype, register_bfloat16
+
+    register_bfloat16()
+    rng = np.random.default_rng(4)
+    shape, chunks = (3, 10, 2, 13, 1), (3, 4, 2, 5, 1)
+    data = cast(rng.normal(size=(3, 6, 2, 13, 1)), dtype)   # output steps 4..9, edges on 2 axes
+    data[:, :, :, :5] = 0                                     # a chunk of zeros on each row
+    arrays = []
+    for name in ("zarr", "direct"):
+        a = zarr.create_array(str(tmp_path / name), shape=shape, chunks=chunks,
+                              dtype=native_dtype(dtype), fill_value=0.0,
+                              compressors=ZstdCodec(level=-1),
+                              config={"write_empty_chunks": False})
+        arrays.append(a)
+    arrays[0][:, 4:10] = data
+    codec = direct_codec(arrays[1])
+    assert codec is not None
+    written = write_chunks(tmp_path / "direct", codec, data, (0, 4, 0, 0, 0), chunks)
+    files = {name: {p.relative_to(tmp_path / name).as_posix(): p.read_bytes()
+                    for p in (tmp_path / name / "c").rglob("*") if p.is_file()}
+             for name in ("zarr", "direct")}
+    assert sorted(files["direct"]) == sorted(p.relative_to(tmp_path / "direct").as_posix()
+                                             for p in written)
+    assert "c/0/1/0/0/0" not in files["direct"]          # all zeros: not stored
+    assert files["direct"] == files["zarr"]
+    back = zarr.open_array(str(tmp_path / "direct"), mode="r")[:]
+    assert np.array_equal(back[:, 4:10].astype(np.float64), data.astype(np.float64))
+    assert not back[:, :4].any()
+
+
+def test_arrays_of_other_codecs_are_written_by_zarr(tmp_path):
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    from jacstream.store.chunks import direct_codec
+
+    a = zarr.create_array(str(tmp_path / "a"), shape=(4,), chunks=(2,), dtype="f4",
+                          compressors=BloscCodec())
+    assert direct_codec(a) is None

@@ -51,11 +51,16 @@ from ..errors import (
     first_line,
 )
 from ..planning import LAYOUT, Block, Plan
+from .chunks import direct_codec, write_chunks
 from .dtypes import cast as _cast
 from .dtypes import native_dtype, register_bfloat16
 from .durable import sync_files
 from .lock import WriterLock
 from .rules import is_new, is_zarr_store, refuse_existing
+
+# zstd's fast level: on a block of the reference model at T=3000 (7.7 MB, 83% zeros) it
+# compressed 5.72x in 2.7 ms, zarr's default level 5.74x in 11.9 ms (numcodecs, one thread).
+COMPRESSION_LEVEL = -1
 
 __all__ = ["ARRAY_NAME", "DESCRIPTION", "JobStore", "consolidating", "coordinates",
            "describe_differences", "done_dir"]
@@ -134,6 +139,15 @@ class JobStore:
         self.group = group
         self.array = array
         self.writer: WriterLock | None = None
+        self._codec_for: tuple[Any, Any] = (None, None)   # (array, its direct codec)
+
+    @property
+    def _codec(self) -> Any:
+        """The encoder that writes this array's chunks straight to their files
+        (:mod:`.chunks`), or None where zarr writes them."""
+        if self._codec_for[0] is not self.array:
+            self._codec_for = (self.array, direct_codec(self.array))
+        return self._codec_for[1]
 
     @property
     def _done_dir(self) -> Path:
@@ -365,11 +379,16 @@ class JobStore:
             # unwritten chunk reads as the same zeros.
             skip = _leading_zero_chunks(data, plan.in_chunk)
             c0, data = skip, data[:, :, :, skip:]
+        root = self.path / ARRAY_NAME
         try:
             if c1 > c0:
-                self.array[e0:e1, p0:p1, :, c0:c1, :] = _cast(data, plan.dtype)
+                stored = _cast(data, plan.dtype)
+                if self._codec is None:
+                    self.array[e0:e1, p0:p1, :, c0:c1, :] = stored
+                else:
+                    write_chunks(root, self._codec, stored, (e0, p0, 0, c0, 0),
+                                 tuple(self.array.chunks))
             if durable:
-                root = self.path / ARRAY_NAME
                 sync_files(root, (root / k for k in self._chunk_keys(plan, block, c0, c1)))
             self._mark_done(block.index)
         except OSError as e:
@@ -412,6 +431,7 @@ def _build(path: Path, plan: Plan, meta: dict[str, Any]) -> None:
     group.create_array(
         ARRAY_NAME, shape=plan.shape, chunks=plan.chunks, dtype=native_dtype(plan.dtype),
         attributes={"description": DESCRIPTION}, fill_value=0.0, dimension_names=list(LAYOUT),
+        compressors=zarr.codecs.ZstdCodec(level=COMPRESSION_LEVEL),
         config={"write_empty_chunks": False})
     _write_coordinates(group, plan)
     group.attrs["jacstream"] = meta

@@ -8,7 +8,7 @@ pending blocks in order with one sweep. Each worker process loads the model
 once (from ``.keras`` bytes, or cloudpickle for plain callables), prepares it and traces
 the block function from the spec the client validated (:mod:`jacstream.run.worker`),
 then computes its blocks and writes them as whole chunks straight into the
-shared store with :meth:`JobStore.write_block` (chunks fsynced, then the
+shared store with :meth:`JobStore.write_block` (chunks flushed to disk, then the
 completion marker), each block as soon as it is computed.
 Tasks return a few numbers per block, so the client never holds Jacobian data;
 the progress bar follows the completion markers as they appear.

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["direct_codec", "write_chunks"]
+__all__ = ["chunk_files", "direct_codec", "write_chunks"]
 
 
 def direct_codec(array: Any) -> Any:
@@ -71,7 +71,7 @@ def write_chunks(root: Path, codec: Any, data: np.ndarray, origin: tuple[int, ..
 
     ``root``: the array's directory; ``chunks``: its chunk shape. The region
     starts on chunk boundaries and ends on one or at the array's end. Returns
-    the chunk files written (for the caller to flush).
+    the chunk files written (a chunk of fill values is not).
 
     Examples
     --------
@@ -86,7 +86,7 @@ def write_chunks(root: Path, codec: Any, data: np.ndarray, origin: tuple[int, ..
     written = []
     for index, region in _chunks_of(data.shape, origin, chunks):
         piece = data[region]
-        path = root.joinpath("c", *(str(i) for i in index))
+        path = _chunk_path(root, index)
         if not piece.any():
             path.unlink(missing_ok=True)   # a chunk of fill values is not stored
             continue
@@ -97,6 +97,17 @@ def write_chunks(root: Path, codec: Any, data: np.ndarray, origin: tuple[int, ..
         _put(path, codec.encode(np.ascontiguousarray(piece).view(np.uint8)))
         written.append(path)
     return written
+
+
+def chunk_files(root: Path, origin: tuple[int, ...], shape: tuple[int, ...],
+                chunks: tuple[int, ...]) -> list[Path]:
+    """The files of every chunk of the region ``shape`` at ``origin`` (written or not)."""
+    return [_chunk_path(root, index) for index, _ in _chunks_of(shape, origin, chunks)]
+
+
+def _chunk_path(root: Path, index: tuple[int, ...]) -> Path:
+    """A chunk's file under the array's directory ``root`` (zarr v3 default keys)."""
+    return root.joinpath("c", *(str(i) for i in index))
 
 
 def _chunks_of(shape: tuple[int, ...], origin: tuple[int, ...], chunks: tuple[int, ...],

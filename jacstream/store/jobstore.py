@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -51,7 +51,7 @@ from ..errors import (
     first_line,
 )
 from ..planning import LAYOUT, Block, Plan
-from .chunks import direct_codec, write_chunks
+from .chunks import chunk_files, direct_codec, write_chunks
 from .dtypes import cast as _cast
 from .dtypes import native_dtype, register_bfloat16
 from .durable import sync_files
@@ -139,15 +139,6 @@ class JobStore:
         self.group = group
         self.array = array
         self.writer: WriterLock | None = None
-        self._codec_for: tuple[Any, Any] = (None, None)   # (array, its direct codec)
-
-    @property
-    def _codec(self) -> Any:
-        """The encoder that writes this array's chunks straight to their files
-        (:mod:`.chunks`), or None where zarr writes them."""
-        if self._codec_for[0] is not self.array:
-            self._codec_for = (self.array, direct_codec(self.array))
-        return self._codec_for[1]
 
     @property
     def _done_dir(self) -> Path:
@@ -379,17 +370,19 @@ class JobStore:
             # unwritten chunk reads as the same zeros.
             skip = _leading_zero_chunks(data, plan.in_chunk)
             c0, data = skip, data[:, :, :, skip:]
-        root = self.path / ARRAY_NAME
+        root, origin = self.path / ARRAY_NAME, (e0, p0, 0, c0, 0)
+        chunks = tuple(self.array.chunks)
         try:
             if c1 > c0:
                 stored = _cast(data, plan.dtype)
-                if self._codec is None:
+                codec = direct_codec(self.array)   # None: codecs only zarr writes
+                if codec is None:
                     self.array[e0:e1, p0:p1, :, c0:c1, :] = stored
                 else:
-                    write_chunks(root, self._codec, stored, (e0, p0, 0, c0, 0),
-                                 tuple(self.array.chunks))
+                    write_chunks(root, codec, stored, origin, chunks)
             if durable:
-                sync_files(root, (root / k for k in self._chunk_keys(plan, block, c0, c1)))
+                region = (e1 - e0, p1 - p0, data.shape[2], c1 - c0, data.shape[4])
+                sync_files(root, chunk_files(root, origin, region, chunks))
             self._mark_done(block.index)
         except OSError as e:
             hint = ("the disk is full: free some space (or move the store), then call "
@@ -401,13 +394,6 @@ class JobStore:
                 f"writing block {block.index} (output positions {p0}..{p1 - 1}, examples "
                 f"{e0}..{e1 - 1}) to {str(self.path)!r} failed: {e.strerror or e}. Finished "
                 f"blocks are intact; {hint}.") from e
-
-    def _chunk_keys(self, plan: Plan, block: Block, c0: int, c1: int) -> Iterable[str]:
-        ce = block.examples[0] // plan.examples_per_block
-        out_chunk = plan.chunks[1]
-        for cp in range(block.positions[0] // out_chunk, -(-block.positions[1] // out_chunk)):
-            for ci in range(c0 // plan.in_chunk, -(-c1 // plan.in_chunk)):
-                yield f"c/{ce}/{cp}/0/{ci}/0"
 
     def record_run(self, run: dict[str, Any]) -> None:
         meta = self.meta
